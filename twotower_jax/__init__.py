@@ -1,0 +1,3 @@
+"""twotower_jax: a JAX/Flax two-tower retrieval recommender."""
+
+__version__ = "0.1.0"
