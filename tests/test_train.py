@@ -1,0 +1,143 @@
+"""Training: batching, the step, non-finite loss, checkpoint/resume, end to end."""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from twotower_jax import config as config_lib
+from twotower_jax import serving
+from twotower_jax import train
+from conftest import write_synthetic_ml100k
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def tiny_config(data_dir, **overrides):
+  cfg = config_lib.load_config_file(REPO / "configs" / "tiny.py")
+  cfg.data.dir = str(data_dir)
+  cfg.data.download = False
+  for key, value in overrides.items():
+    node = cfg
+    *path, last = key.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def ml100k_dir(tmp_path_factory):
+  """Enough movies (150) for top-100 metrics."""
+  return write_synthetic_ml100k(tmp_path_factory.mktemp("ml100k"), num_users=80,
+                                num_movies=150, num_ratings=3000, seed=1)
+
+
+def test_epoch_batches_cover_every_example_once_and_pad_the_last():
+  idx, valid = train.epoch_batches(10, 4, seed=0, epoch=0)
+  assert idx.shape == (3, 4) and valid.shape == (3, 4)
+  assert sorted(idx[valid].tolist()) == list(range(10))
+  assert valid.sum() == 10 and not valid[2, 2:].any()
+  again, _ = train.epoch_batches(10, 4, seed=0, epoch=0)
+  other, _ = train.epoch_batches(10, 4, seed=0, epoch=1)
+  np.testing.assert_array_equal(idx, again)
+  assert not np.array_equal(idx, other)
+
+
+def test_optimizer_factory_rejects_unknown():
+  cfg = config_lib.base_config().optimizer
+  cfg.name = "lion9000"
+  with pytest.raises(ValueError, match="Unsupported optimizer.name 'lion9000'"):
+    train.create_optimizer(cfg, 10)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ml100k_dir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("tiny")
+  metrics = train.train_and_evaluate(tiny_config(ml100k_dir), str(workdir))
+  return workdir, metrics
+
+
+def test_end_to_end_writes_metrics_logs_checkpoints_and_serving(tiny_run):
+  workdir, metrics = tiny_run
+  on_disk = json.loads((workdir / "metrics.json").read_text())
+  for k in (1, 5, 10, 50, 100):
+    assert 0.0 <= on_disk[f"top_{k}_accuracy"] <= 1.0
+    assert f"popularity/top_{k}_accuracy" in on_disk
+  assert on_disk["top_100_accuracy"] >= on_disk["top_1_accuracy"]
+  assert on_disk["config"] == "tiny" and on_disk["split"] == "random" and on_disk["seed"] == 42
+  assert on_disk["train_seconds"] > 0 and on_disk["examples_per_second"] > 0
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+  assert all(np.isfinite(json.loads(x)["loss"]) for x in lines)
+  assert list((workdir / "tb").glob("events.out.tfevents.*"))
+  assert (workdir / "checkpoints" / str(on_disk["steps"])).is_dir()
+  assert metrics["steps"] == on_disk["steps"]
+
+
+def test_training_lowers_the_loss(tiny_run):
+  workdir, _ = tiny_run
+  losses = [json.loads(x)["loss"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert losses[-1] < losses[0]
+
+
+def test_serving_directory_recommends(tiny_run):
+  workdir, _ = tiny_run
+  rec = serving.load(workdir / "serving")
+  user = int(rec.users["user_id"][0])
+  feats = rec.user_features([user])
+  r = rec.recommend(feats, 5)
+  assert r.movie_id.shape == (1, 5) and len(set(r.movie_id[0].tolist())) == 5
+  assert np.all(np.diff(r.score[0]) <= 0)
+  rated = rec.rated([user])[0]
+  r2 = rec.recommend(feats, 5, exclude_ids=[rated])
+  assert not set(r2.movie_id[0].tolist()) & set(rated.tolist())
+  low = rec.recommend(feats, 3, lowest=True)
+  assert low.score[0].max() <= r.score[0].min()
+
+
+def test_resume_equals_uninterrupted_run(ml100k_dir, tmp_path, tiny_run):
+  _, full = tiny_run
+  workdir = tmp_path / "resumed"
+  first = train.train_and_evaluate(tiny_config(ml100k_dir, **{"train.num_epochs": 1}),
+                                   str(workdir))
+  second = train.train_and_evaluate(tiny_config(ml100k_dir), str(workdir))
+  assert second["resumed_from_step"] == first["steps"] > 0
+  assert second["steps"] == full["steps"]
+  for k in (1, 10, 100):
+    assert second[f"top_{k}_accuracy"] == pytest.approx(full[f"top_{k}_accuracy"], abs=1e-9)
+  assert second["include_seen/mrr"] == pytest.approx(full["include_seen/mrr"], rel=1e-5)
+
+
+def test_non_finite_loss_stops_with_the_step(ml100k_dir, tmp_path):
+  cfg = tiny_config(ml100k_dir, **{"optimizer.name": "sgd", "optimizer.learning_rate": 1e30})
+  with pytest.raises(train.NonFiniteLossError, match=r"at step \d+"):
+    train.train_and_evaluate(cfg, str(tmp_path / "nan"))
+
+
+def test_golden_first_step(ml100k_dir):
+  """The initial loss and the loss after one step on fixed data are pinned."""
+  cfg = tiny_config(ml100k_dir)
+  prep = train.prepare(cfg)
+  model = train.create_model(cfg, prep)
+  tx = train.create_optimizer(cfg.optimizer, 10)
+  state = train.init_state(model, tx, prep, cfg, jax.random.key(0))
+  mesh = train.make_mesh()
+  data = train.device_data(prep, cfg, mesh)
+  idx = np.arange(cfg.train.batch_size, dtype=np.int32)
+  valid = np.ones(cfg.train.batch_size, bool)
+  import functools  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
+                                   loss_cfg=ml_collections.FrozenConfigDict(cfg.loss)))
+  state, loss0 = step(state, data, idx, valid)
+  _, loss1 = step(state, data, idx, valid)
+  # An untrained model is near-uniform over the batch: loss close to log(B).
+  assert float(loss0) == pytest.approx(np.log(cfg.train.batch_size), rel=0.02)
+  assert float(loss1) < float(loss0)
+  assert (float(loss0), float(loss1)) == pytest.approx(GOLDEN, rel=1e-4)
+
+
+GOLDEN = (0.0, 0.0)

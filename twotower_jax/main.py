@@ -1,0 +1,206 @@
+r"""Command line: train and evaluate, recommend, export for a ranker, report.
+
+  python -m twotower_jax.main --config configs/seed.py --workdir /tmp/seed
+  python -m twotower_jax.main --mode=recommend --workdir /tmp/seed --user_id=42
+  python -m twotower_jax.main --mode=recommend --workdir /tmp/seed \
+      --age=30 --gender=F --occupation=engineer --time=890000000
+  python -m twotower_jax.main --mode=export_ranker --workdir /tmp/seed --top_n=50
+  python -m twotower_jax.main --mode=report --report_dirs=/tmp/a,/tmp/b --workdir /tmp/report
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, serving).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "recommend", "export_ranker", "report"],
+                          "What to do.")
+_USER_ID = flags.DEFINE_integer("user_id", None, "recommend: a known user's id.")
+_AGE = flags.DEFINE_float("age", None, "recommend: user age in years.")
+_GENDER = flags.DEFINE_enum("gender", None, ["M", "F"], "recommend: user gender.")
+_OCCUPATION = flags.DEFINE_string("occupation", None, "recommend: occupation, e.g. 'engineer'.")
+_TIME = flags.DEFINE_integer("time", None, "recommend: Unix timestamp of the query.")
+_TOP_N = flags.DEFINE_integer("top_n", 10, "Number of recommendations (or exported candidates).")
+_BOTTOM_N = flags.DEFINE_integer("bottom_n", 0, "recommend: also print the N lowest-scored.")
+_EXCLUDE_RATED = flags.DEFINE_boolean("exclude_rated", False,
+                                      "Exclude movies the user rated in training.")
+_ALLOW_UNKNOWN = flags.DEFINE_boolean(
+    "allow_unknown", False, "recommend: encode an unknown occupation as out-of-vocabulary "
+    "instead of stopping with an error.")
+_EXPORT_SPLIT = flags.DEFINE_enum("export_split", "test", ["train", "test"],
+                                  "export_ranker: which split's interactions are the queries.")
+_EXPORT_PATH = flags.DEFINE_string("export_path", None,
+                                   "export_ranker: output CSV (default WORKDIR/ranker_<split>.csv).")
+_MAX_QUERIES = flags.DEFINE_integer("max_queries", 0, "export_ranker: 0 = all queries.")
+_REPORT_DIRS = flags.DEFINE_list("report_dirs", [], "report: workdirs to summarize.")
+
+
+class UsageError(ValueError):
+  """A command-line problem; printed without a traceback."""
+
+
+def _load_run_config(workdir: pathlib.Path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  path = workdir / "config.json"
+  if not path.is_file():
+    raise UsageError(f"{workdir} holds no trained run (no config.json). Train first with "
+                     f"--config configs/default.py --workdir {workdir}.")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def run(argv) -> None:
+  """Dispatches on --mode."""
+  if len(argv) > 1:
+    raise UsageError(f"Unexpected arguments: {argv[1:]}.")
+  from twotower_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  mode = _MODE.value
+  if mode == "report":
+    from twotower_jax import report  # pylint: disable=g-import-not-at-top
+    if not _REPORT_DIRS.value or not _WORKDIR.value:
+      raise UsageError("--mode=report needs --report_dirs=DIR1,DIR2,... and --workdir=OUT.")
+    png, table = report.write_report(_REPORT_DIRS.value, _WORKDIR.value)
+    print(table)
+    print(f"Plot: {png}")
+    return
+  if not _WORKDIR.value:
+    raise UsageError("--workdir is required.")
+  workdir = pathlib.Path(_WORKDIR.value)
+  if mode == "train":
+    if _CONFIG.value is None:
+      raise UsageError("--config is required for training, e.g. --config configs/default.py.")
+    config = _CONFIG.value
+    config_lib.check_keys(config, config_lib.base_config())
+    if config.distributed:
+      import jax  # pylint: disable=g-import-not-at-top
+      jax.distributed.initialize()
+    from twotower_jax import train  # pylint: disable=g-import-not-at-top
+    metrics = train.train_and_evaluate(config, str(workdir))
+    print_summary(metrics)
+    from twotower_jax import serving  # pylint: disable=g-import-not-at-top
+    rec = serving.load(workdir / "serving")
+    some_user = int(rec.users["user_id"][0])
+    print(f"\nSample recommendations for user {some_user}:")
+    _print_recs(rec, rec.user_features([some_user]), 5, exclude_rated=True, user=some_user)
+    return
+  if mode == "recommend":
+    _recommend(workdir)
+    return
+  if mode == "export_ranker":
+    from twotower_jax import export  # pylint: disable=g-import-not-at-top
+    config = _load_run_config(workdir)
+    out = pathlib.Path(_EXPORT_PATH.value or workdir / f"ranker_{_EXPORT_SPLIT.value}.csv")
+    n = export.export_ranker(config, workdir / "serving", out, split=_EXPORT_SPLIT.value,
+                             top_n=_TOP_N.value, max_queries=_MAX_QUERIES.value,
+                             exclude_rated=_EXCLUDE_RATED.value)
+    print(f"Wrote {n} rows to {out}")
+    return
+
+
+def _recommend(workdir: pathlib.Path) -> None:
+  from twotower_jax import serving  # pylint: disable=g-import-not-at-top
+  rec = serving.load(workdir)
+  explicit = {"raw_user_age": _AGE.value, "user_gender": _GENDER.value,
+              "user_occupation_text": _OCCUPATION.value, "timestamp": _TIME.value}
+  if _USER_ID.value is not None:
+    feats = rec.user_features([_USER_ID.value])
+    feats["user_id"] = [_USER_ID.value]
+    for k, v in explicit.items():  # explicit values override the user's own
+      if v is not None:
+        feats[k] = [v]
+    user = _USER_ID.value
+  else:
+    missing = [f"--{n}" for n, v in zip(("age", "gender", "occupation", "time"),
+                                        explicit.values()) if v is None]
+    needed = set(serving._needed_columns(rec.encoders))  # pylint: disable=protected-access
+    missing = [m for m, col in zip(missing, explicit) if col in needed]
+    if missing:
+      raise UsageError(f"recommend needs --user_id or all of --age --gender --occupation "
+                       f"--time; missing {' '.join(missing)}.")
+    if "user_id" in rec.encoders:
+      raise UsageError("This model uses the user id as a feature: pass --user_id.")
+    feats = {k: [v] for k, v in explicit.items() if v is not None}
+    user = None
+  if "user_gender" in feats:
+    feats["user_gender"] = [g in ("M", True, 1) for g in feats["user_gender"]]
+  occ = feats.get("user_occupation_text")
+  if occ is not None and "occupation" in rec.encoders and not _ALLOW_UNKNOWN.value:
+    known = [str(v) for v in rec.known_values("occupation")]
+    if str(occ[0]) not in known:
+      from twotower_jax.config import suggest  # pylint: disable=g-import-not-at-top
+      raise UsageError(f"Unknown occupation {occ[0]!r}.{suggest(str(occ[0]), known)} Known: "
+                       f"{', '.join(sorted(known))}. Pass --allow_unknown to score it as "
+                       "out-of-vocabulary.")
+  _print_recs(rec, feats, _TOP_N.value, exclude_rated=_EXCLUDE_RATED.value, user=user,
+              bottom_n=_BOTTOM_N.value)
+
+
+def _print_recs(rec, feats, top_n: int, *, exclude_rated: bool, user, bottom_n: int = 0):
+  exclude = rec.rated([user]) if (exclude_rated and user is not None) else None
+  for label, lowest, n in (("Top", False, top_n), ("Bottom", True, bottom_n)):
+    if n <= 0:
+      continue
+    r = rec.recommend(feats, n, exclude_ids=exclude, lowest=lowest)
+    print(f"{label} {n}:")
+    for rank, (mid, title, genres, score) in enumerate(
+        zip(r.movie_id[0], r.movie_title[0], r.genres[0], r.score[0]), start=1):
+      if mid < 0:
+        break
+      print(f"  {rank:3d}. {score:8.3f}  {title}  [{', '.join(genres)}]")
+
+
+def print_summary(metrics) -> None:
+  ks = (1, 5, 10, 50, 100)
+  rows = [("model", ""), ("popularity", "popularity/")]
+  if "itemcf/top_1_accuracy" in metrics:
+    rows.append(("itemcf", "itemcf/"))
+  print("\n" + " " * 12 + "".join(f"{'top-' + str(k):>9}" for k in ks))
+  for name, pre in rows:
+    vals = [metrics.get(f"{pre}top_{k}_accuracy") for k in ks]
+    print(f"{name:<12}" + "".join(f"{v:9.4f}" if v is not None else f"{'-':>9}" for v in vals))
+  if metrics.get("examples_per_second"):
+    print(f"\ntrain {metrics['train_seconds']:.1f} s ({metrics['examples_per_second']:,.0f} "
+          f"examples/s), eval {metrics['eval_seconds']:.1f} s")
+
+
+def main() -> None:
+  """Entry point: flags errors and bad input print a one-line error, exit status 2."""
+  def parse(argv):
+    try:
+      return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+      msg = str(e).replace("\\n", " ").replace("\n", " ").strip("'\"")
+      if isinstance(e, AttributeError) or "does not exist" in msg:
+        msg = f"Unknown config key: {msg}"
+      print(f"error: {msg}", file=sys.stderr)
+      sys.exit(2)
+
+  def guarded(argv):
+    from twotower_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+    from twotower_jax import serving  # pylint: disable=g-import-not-at-top
+    from twotower_jax import train  # pylint: disable=g-import-not-at-top
+    try:
+      run(argv)
+    except (UsageError, data_lib.DataError, serving.ServingError, train.NonFiniteLossError,
+            FileNotFoundError) as e:
+      logging.flush()
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+    except ValueError as e:
+      if "config" in str(e).lower() or "Unsupported" in str(e):
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+      raise
+
+  app.run(guarded, flags_parser=parse)
+
+
+if __name__ == "__main__":
+  main()

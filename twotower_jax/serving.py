@@ -1,0 +1,225 @@
+"""The serving directory: everything needed to answer queries, nothing from training.
+
+Layout of ``<workdir>/serving``::
+
+  serving.json        format version, query-tower settings, feature settings
+  encoders.json/.npz  the fitted feature encoders (plain data)
+  query_params.npz    the query tower's parameters, keys joined with '/'
+  candidates.npz      embeddings [N, D], movie ids, titles, genre ids
+  users.npz           per known user: raw features, latest timestamp, rated movies (CSR)
+
+``load(path)`` reads it back with numpy alone (plus JAX for the query tower)
+and gives a :class:`Recommender`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import flax
+import jax
+import numpy as np
+
+from twotower_jax import features as feat
+from twotower_jax import model as model_lib
+
+FORMAT_VERSION = 1
+_FILES = ("serving.json", "encoders.json", "encoders.npz", "query_params.npz", "candidates.npz",
+          "users.npz")
+
+
+class ServingError(ValueError):
+  """A serving directory or a query is unusable; the message says why and what to do."""
+
+
+def save(path: pathlib.Path, config, prep, model: model_lib.TwoTower, params) -> None:
+  """Writes the serving directory for a trained model."""
+  from twotower_jax import train  # pylint: disable=g-import-not-at-top
+
+  path = pathlib.Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  feat.save_encoders(prep.encoders, path)
+  q = model.query
+  meta = {
+      "format_version": FORMAT_VERSION,
+      "config_name": config.name,
+      "query_tower": {"vocab_sizes": dict(q.vocab_sizes), "mlp": list(q.mlp),
+                      "user_dim": q.user_dim, "gender_dim": q.gender_dim,
+                      "occupation_dim": q.occupation_dim, "time_dim": q.time_dim,
+                      "l2_normalize": q.l2_normalize},
+      "features": config.features.to_dict(),
+      "genre_names": list(prep.dataset.genre_names),
+  }
+  (path / "serving.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+  flat = flax.traverse_util.flatten_dict(jax.device_get(params["query"]), sep="/")
+  np.savez(path / "query_params.npz", **{k: np.asarray(v) for k, v in flat.items()})
+  c_NxD = train.embed_in_batches(train._embed_candidates, params, prep.cand,  # pylint: disable=protected-access
+                                 config.eval.batch_size, model=model)
+  movies = prep.dataset.movies
+  np.savez(path / "candidates.npz", embeddings=c_NxD.astype(np.float32),
+           movie_id=np.asarray(movies["movie_id"], np.int64),
+           movie_title=np.asarray(movies["movie_title"]).astype(str),
+           movie_genres=np.asarray(movies["movie_genres"], np.int32))
+  np.savez(path / "users.npz", **_user_table(prep.train))
+
+
+def _user_table(train: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Per user: features from their latest training rating, and all rated movies (CSR)."""
+  order = np.lexsort((train["timestamp"], train["user_id"]))
+  uid = np.asarray(train["user_id"])[order]
+  users, first, counts = np.unique(uid, return_index=True, return_counts=True)
+  last = order[first + counts - 1]
+  table = {"user_id": users.astype(np.int64),
+           "rated_indptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+           "rated_movie_id": np.asarray(train["movie_id"], np.int64)[order]}
+  for col in ("raw_user_age", "user_gender", "user_occupation_text", "timestamp"):
+    if col in train:
+      table[col] = np.asarray(train[col])[last]
+  return table
+
+
+@dataclasses.dataclass(frozen=True)
+class Recommendations:
+  """Top-N per query: ids, titles, genre names and scores, each [Q, N]."""
+
+  movie_id: np.ndarray
+  movie_title: np.ndarray
+  genres: list[list[str]]
+  score: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Recommender:
+  """A loaded serving directory: encodes raw query features, scores with the exact index."""
+
+  meta: dict[str, Any]
+  encoders: feat.Encoders
+  query_params: Any
+  index: Any  # twotower_jax.index.BruteForceIndex
+  genres_N: np.ndarray
+  users: dict[str, np.ndarray]
+
+  @property
+  def tower(self) -> model_lib.QueryTower:
+    t = dict(self.meta["query_tower"])
+    t["mlp"] = tuple(t["mlp"])
+    t["vocab_sizes"] = tuple(sorted(t["vocab_sizes"].items()))
+    return model_lib.QueryTower(**t)
+
+  def known_values(self, feature: str) -> list:
+    return self.encoders[feature]["vocab"].tolist()
+
+  def user_features(self, user_ids: Sequence[int]) -> dict[str, np.ndarray]:
+    """Raw query features of known users (from their latest training rating)."""
+    user_ids = np.asarray(user_ids, np.int64)
+    pos = np.clip(np.searchsorted(self.users["user_id"], user_ids), 0,
+                  len(self.users["user_id"]) - 1)
+    unknown = self.users["user_id"][pos] != user_ids
+    if unknown.any():
+      raise ServingError(
+          f"User id {int(user_ids[unknown][0])} has no training ratings, so its features are "
+          "unknown. Pass the features explicitly (--age --gender --occupation --time).")
+    return {k: v[pos] for k, v in self.users.items()
+            if k not in ("rated_indptr", "rated_movie_id")}
+
+  def rated(self, user_ids: Sequence[int]) -> list[np.ndarray]:
+    """Movie ids each user rated in training (an empty array for unknown users)."""
+    out = []
+    for u in np.asarray(user_ids, np.int64):
+      i = np.searchsorted(self.users["user_id"], u)
+      if i < len(self.users["user_id"]) and self.users["user_id"][i] == u:
+        ptr = self.users["rated_indptr"]
+        out.append(self.users["rated_movie_id"][ptr[i]:ptr[i + 1]])
+      else:
+        out.append(np.zeros(0, np.int64))
+    return out
+
+  def embed(self, features: Mapping[str, Any]) -> np.ndarray:
+    """Query embeddings [Q, D] of raw feature columns (TFDS names); unknown values -> OOV."""
+    cols = {k: np.atleast_1d(np.asarray(v)) for k, v in features.items()}
+    for name, col in (("user_occupation_text", "occupation"), ("user_gender", "gender")):
+      if col in self.encoders and name in cols:
+        values = cols[name].astype(np.int64) if col == "gender" else cols[name]
+        oov = feat.lookup(self.encoders[col], values) == feat.OOV
+        if oov.any():
+          logging.warning("Unknown %s %r: encoded as out-of-vocabulary.", col,
+                          values[oov][0].item())
+    needed = _needed_columns(self.encoders)
+    missing = [c for c in needed if c not in cols]
+    if missing:
+      raise ServingError(f"Query features missing: {missing}. This model needs {needed}.")
+    xq = feat.encode_queries(self.encoders, cols)
+    return np.asarray(_apply_query(self.tower, self.query_params, xq))
+
+  def recommend(self, features: Mapping[str, Any], k: int = 10, *,
+                exclude_ids: Sequence[np.ndarray] | None = None,
+                lowest: bool = False) -> Recommendations:
+    """The k best (or, with ``lowest``, the k worst) candidates for each query."""
+    q_QxD = self.embed(features)
+    if lowest:
+      q_QxD = -q_QxD
+    scores, ids = self.index.search(q_QxD, k, exclude=exclude_ids)
+    scores, ids = np.asarray(scores), np.asarray(ids)
+    if lowest:
+      scores = -scores
+    ids_N = np.asarray(self.index.ids_N)
+    order = np.argsort(ids_N, kind="stable")
+    pos = order[np.clip(np.searchsorted(ids_N[order], ids), 0, len(ids_N) - 1)]
+    names = np.asarray(self.meta["genre_names"] + [""])
+    genres = [[[str(names[g]) for g in self.genres_N[p] if g >= 0] for p in row] for row in pos]
+    return Recommendations(movie_id=ids, movie_title=np.asarray(self.index.titles_N)[pos],
+                           genres=genres, score=scores)
+
+
+_QUERY_COLUMNS = {"user_id": "user_id", "age": "raw_user_age", "gender": "user_gender",
+                  "occupation": "user_occupation_text", "time": "timestamp"}
+
+
+def _needed_columns(encoders: feat.Encoders) -> list[str]:
+  return [col for name, col in _QUERY_COLUMNS.items() if name in encoders]
+
+
+def _apply_query(tower: model_lib.QueryTower, params, xq):
+  return jax.jit(lambda p, x: tower.apply({"params": p}, x))(params, xq)
+
+
+def load(path: str | pathlib.Path) -> Recommender:
+  """Loads a serving directory written by training (``<workdir>/serving``)."""
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise ServingError(f"Serving directory not found: {path}. Train first "
+                       "(python -m twotower_jax.main --config ... --workdir DIR) and pass "
+                       "DIR/serving, or the workdir itself.")
+  if (path / "serving").is_dir() and not (path / "serving.json").exists():
+    path = path / "serving"
+  missing = [f for f in _FILES if not (path / f).is_file()]
+  if missing:
+    raise ServingError(f"Serving directory {path} is incomplete: missing {missing}. It was not "
+                       "written by a finished training run; retrain into a fresh workdir.")
+  try:
+    meta = json.loads((path / "serving.json").read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+      raise ServingError(f"{path}/serving.json has format_version "
+                         f"{meta.get('format_version')!r}; this version reads {FORMAT_VERSION}. "
+                         "Retrain with this version.")
+    encoders = feat.load_encoders(path)
+    with np.load(path / "query_params.npz", allow_pickle=False) as f:
+      params = flax.traverse_util.unflatten_dict({k: f[k] for k in f.files}, sep="/")
+    with np.load(path / "candidates.npz", allow_pickle=False) as f:
+      cands = {k: f[k] for k in f.files}
+    with np.load(path / "users.npz", allow_pickle=False) as f:
+      users = {k: f[k] for k in f.files}
+  except ServingError:
+    raise
+  except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+    raise ServingError(f"Serving directory {path} is corrupt ({type(e).__name__}: {e}); "
+                       "retrain into a fresh workdir.") from e
+  from twotower_jax import index as index_lib  # pylint: disable=g-import-not-at-top
+  index = index_lib.BruteForceIndex(embeddings_NxD=cands["embeddings"], ids_N=cands["movie_id"],
+                                    titles_N=cands["movie_title"])
+  return Recommender(meta=meta, encoders=encoders, query_params=params, index=index,
+                     genres_N=cands["movie_genres"], users=users)

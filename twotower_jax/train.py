@@ -1,0 +1,431 @@
+"""Training and evaluation: ``train_and_evaluate(config, workdir)``.
+
+All training examples live on the device as encoded arrays; an epoch is a
+seeded permutation of their indices, cut into fixed-size batches (the last one
+padded and masked, so one compiled step serves every batch). The step gathers
+its batch on the device: per step only a row of indices is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from twotower_jax import data as data_lib
+from twotower_jax import features as feat
+from twotower_jax import losses
+from twotower_jax import model as model_lib
+
+Array = jax.Array
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array
+  params: Any
+  opt_state: Any
+  freq: Any  # streaming frequency-estimator state, or an empty dict
+  rng: Array
+
+
+# ----------------------------------------------------------------------------
+# Prepared data: encoded features as arrays, plus the raw columns for reports.
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """A data set encoded for the model. Rows of ``*_q`` align with ``*_item``."""
+
+  encoders: feat.Encoders
+  cand: dict[str, np.ndarray]  # encoded features of all N catalogue items
+  movie_ids_N: np.ndarray
+  train_q: dict[str, np.ndarray]
+  train_item: np.ndarray  # catalogue index of each training example's movie
+  train_user: np.ndarray  # user index (0..U-1) of each training example
+  test_q: dict[str, np.ndarray]
+  test_item: np.ndarray
+  test_user: np.ndarray
+  num_users: int
+  dataset: data_lib.Dataset
+  train: dict[str, np.ndarray]
+  test: dict[str, np.ndarray]
+
+  @property
+  def num_items(self) -> int:
+    return len(self.movie_ids_N)
+
+  def item_counts(self) -> np.ndarray:
+    return np.bincount(self.train_item, minlength=self.num_items)
+
+  def seen_csr(self) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's training items as CSR (indptr over user index, item indices)."""
+    order = np.lexsort((self.train_item, self.train_user))
+    indptr = np.zeros(self.num_users + 1, np.int64)
+    np.cumsum(np.bincount(self.train_user, minlength=self.num_users), out=indptr[1:])
+    return indptr, self.train_item[order]
+
+
+def item_index(movie_ids_N: np.ndarray, movie_id: np.ndarray, what: str) -> np.ndarray:
+  """Catalogue positions of ``movie_id``; an id outside the catalogue is an error."""
+  order = np.argsort(movie_ids_N, kind="stable")
+  pos = np.clip(np.searchsorted(movie_ids_N[order], movie_id), 0, len(order) - 1)
+  bad = movie_ids_N[order][pos] != movie_id
+  if bad.any():
+    raise data_lib.DataError(
+        f"{what}: movie id {movie_id[bad][0]} is not in the movie catalogue "
+        f"({int(bad.sum())} such rows). Use ratings and movies from the same data set.")
+  return order[pos].astype(np.int32)
+
+
+def prepare(config: ml_collections.ConfigDict) -> Prepared:
+  """Loads and splits the data, fits the encoders on the training split, encodes."""
+  dataset = data_lib.load(config.data)
+  train, test = data_lib.train_test(config.data, dataset, config.seed)
+  if config.features.time and config.data.split in ("seed", "random"):
+    logging.warning(
+        "Time features with a random split (%s) let the model see the future of the test "
+        "interactions; use data.split=temporal for a leak-free estimate.", config.data.split)
+  encoders = feat.fit_encoders(train, dataset.movies, config.features)
+  movie_ids = np.asarray(dataset.movies["movie_id"])
+  users = np.unique(np.concatenate([train["user_id"], test["user_id"]]))
+  return Prepared(
+      encoders=encoders,
+      cand=feat.encode_candidates(encoders, dataset.movies, config.features),
+      movie_ids_N=movie_ids,
+      train_q=feat.encode_queries(encoders, train),
+      train_item=item_index(movie_ids, train["movie_id"], "training ratings"),
+      train_user=np.searchsorted(users, train["user_id"]).astype(np.int32),
+      test_q=feat.encode_queries(encoders, test),
+      test_item=item_index(movie_ids, test["movie_id"], "test ratings"),
+      test_user=np.searchsorted(users, test["user_id"]).astype(np.int32),
+      num_users=len(users),
+      dataset=dataset, train=train, test=test)
+
+
+# ----------------------------------------------------------------------------
+# Model, optimizer, state.
+
+
+def create_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
+  """The optax optimizer that ``config.optimizer`` names."""
+  lr = opt_cfg.learning_rate
+  if opt_cfg.schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0, opt_cfg.learning_rate, max(opt_cfg.warmup_steps, 1), max(total_steps, 2))
+  elif opt_cfg.schedule == "constant":
+    if opt_cfg.warmup_steps:
+      lr = optax.join_schedules(
+          [optax.linear_schedule(0.0, opt_cfg.learning_rate, opt_cfg.warmup_steps),
+           optax.constant_schedule(opt_cfg.learning_rate)], [opt_cfg.warmup_steps])
+  else:
+    raise ValueError(f"Unsupported optimizer.schedule {opt_cfg.schedule!r}: "
+                     "use 'constant' or 'cosine'.")
+  name = opt_cfg.name
+  if name == "adagrad":
+    tx = optax.adagrad(lr, initial_accumulator_value=0.1, eps=1e-7)  # Keras defaults
+  elif name == "adam":
+    tx = optax.adam(lr)
+  elif name == "adamw":
+    tx = optax.adamw(lr, weight_decay=opt_cfg.weight_decay)
+  elif name == "sgd":
+    tx = optax.sgd(lr)
+  else:
+    raise ValueError(f"Unsupported optimizer.name {name!r}: use adagrad, adam, adamw or sgd.")
+  if opt_cfg.weight_decay and name != "adamw":
+    tx = optax.chain(optax.add_decayed_weights(opt_cfg.weight_decay), tx)
+  if opt_cfg.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(opt_cfg.grad_clip_norm), tx)
+  return tx
+
+
+def create_model(config, prep: Prepared) -> model_lib.TwoTower:
+  return model_lib.create_model(config.model, feat.vocab_sizes(prep.encoders))
+
+
+def _take(tree: dict[str, Array], idx: Array) -> dict[str, Array]:
+  return {k: jnp.take(v, idx, axis=0) for k, v in tree.items()}
+
+
+def init_state(model, tx, prep: Prepared, config, rng: Array) -> TrainState:
+  init_rng, rng = jax.random.split(rng)
+  xq = {k: v[:2] for k, v in prep.train_q.items()}
+  xc = {k: v[:2] for k, v in prep.cand.items()}
+  params = model.init(init_rng, xq, xc)["params"]
+  freq = {}
+  if config.loss.logq == "streaming":
+    freq = losses.freq_init(config.loss.streaming_buckets)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    freq=freq, rng=rng)
+
+
+# ----------------------------------------------------------------------------
+# The step.
+
+
+def loss_fn(params, state: TrainState, data: dict[str, Any], idx_B: Array, valid_B: Array,
+            *, model, loss_cfg: ml_collections.FrozenConfigDict, num_extra_key: Array):
+  """Retrieval loss of the batch ``idx_B`` (rows of the device-resident training data)."""
+  item_B = jnp.take(data["train_item"], idx_B)
+  xq = _take(data["train_q"], idx_B)
+  xc = _take(data["cand"], item_B)
+  variables = {"params": params}
+  q_BxD, c_BxD, temperature = model.apply(variables, xq, xc)
+  b = idx_B.shape[0]
+  kwargs: dict[str, Any] = {}
+  log_q_B = None
+  if loss_cfg.logq == "counts":
+    log_q_B = jnp.log(jnp.take(data["p_item"], item_B))
+  elif loss_cfg.logq == "streaming":
+    log_q_B = jnp.log(losses.freq_probability(state.freq, item_B) / b)
+  m = loss_cfg.num_uniform_negatives
+  if m:
+    n = data["p_item"].shape[0]
+    extra_M = jax.random.randint(num_extra_key, (m,), 0, n)
+    kwargs["extra_c_MxD"] = model.apply(variables, _take(data["cand"], extra_M),
+                                        method=model_lib.TwoTower.embed_candidates)
+    kwargs["extra_ids_M"] = extra_M
+    if log_q_B is not None:
+      p_B = jnp.exp(log_q_B)
+      log_q_B = losses.mixed_log_q(p_B, b, m, n)
+      kwargs["extra_log_q_M"] = losses.mixed_log_q(
+          jnp.take(data["p_item"], extra_M) if loss_cfg.logq == "counts"
+          else losses.freq_probability(state.freq, extra_M) / b, b, m, n)
+  loss = losses.retrieval_loss(
+      q_BxD, c_BxD, temperature=temperature, log_q_B=log_q_B,
+      candidate_ids_B=item_B if loss_cfg.remove_accidental_hits else None,
+      num_hard_negatives=loss_cfg.num_hard_negatives or None, valid_B=valid_B, **kwargs)
+  return loss, item_B
+
+
+def train_step(state: TrainState, data: dict[str, Any], idx_B: Array, valid_B: Array, *,
+               model, tx: optax.GradientTransformation,
+               loss_cfg: ml_collections.FrozenConfigDict) -> tuple[TrainState, Array]:
+  """One optimizer step on the batch ``idx_B``; returns the new state and the loss."""
+  rng, extra_key = jax.random.split(state.rng)
+  (loss, item_B), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, state, data, idx_B, valid_B, model=model, loss_cfg=loss_cfg,
+      num_extra_key=extra_key)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  freq = state.freq
+  if loss_cfg.logq == "streaming":
+    # Padding rows repeat a real index: they only re-record a hit at the same step.
+    freq = losses.freq_update(freq, item_B, state.step, loss_cfg.streaming_alpha)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, freq=freq,
+                       rng=rng), loss
+
+
+def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """The epoch's seeded permutation as [steps, B] indices and validity (last batch padded)."""
+  perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  steps = -(-num_examples // batch_size)
+  pad = steps * batch_size - num_examples
+  idx = np.concatenate([perm, perm[:pad]]).reshape(steps, batch_size).astype(np.int32)
+  valid = (np.arange(steps * batch_size) < num_examples).reshape(steps, batch_size)
+  return idx, valid
+
+
+# ----------------------------------------------------------------------------
+# Devices.
+
+
+def make_mesh() -> jax.sharding.Mesh:
+  """One ("data",) mesh over every device."""
+  return jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def device_data(prep: Prepared, config, mesh) -> dict[str, Any]:
+  """Training arrays on the device(s), replicated."""
+  counts = prep.item_counts().astype(np.float64)
+  data = {
+      "train_q": prep.train_q,
+      "train_item": prep.train_item,
+      "cand": prep.cand,
+      "p_item": (counts / max(counts.sum(), 1.0)).astype(np.float32),
+  }
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.device_put(data, replicated)
+
+
+# ----------------------------------------------------------------------------
+# Embeddings for evaluation and serving.
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _embed_queries(params, xq, *, model):
+  return model.apply({"params": params}, xq, method=model_lib.TwoTower.embed_queries)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _embed_candidates(params, xc, *, model):
+  return model.apply({"params": params}, xc, method=model_lib.TwoTower.embed_candidates)
+
+
+def embed_in_batches(fn, params, x: dict[str, np.ndarray], batch_size: int, *, model
+                     ) -> np.ndarray:
+  """Embeds rows of ``x`` in fixed-size batches (last one padded: one compiled shape)."""
+  n = len(next(iter(x.values())))
+  out = []
+  for start in range(0, n, batch_size):
+    chunk = {k: v[start:start + batch_size] for k, v in x.items()}
+    m = len(next(iter(chunk.values())))
+    if m < batch_size and n > batch_size:
+      chunk = {k: np.concatenate([v, np.repeat(v[:1], batch_size - m, axis=0)])
+               for k, v in chunk.items()}
+    out.append(np.asarray(fn(params, chunk, model=model))[:m])
+  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints.
+
+
+def checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
+  return ocp.CheckpointManager(
+      (workdir / "checkpoints").absolute(),
+      options=ocp.CheckpointManagerOptions(max_to_keep=config.train.max_checkpoints,
+                                           create=True))
+
+
+def restore_latest(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState:
+  """The newest checkpoint that restores; a corrupt one is skipped with a warning."""
+  for step in sorted(mngr.all_steps(), reverse=True):
+    try:
+      return mngr.restore(step, args=ocp.args.StandardRestore(state))
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
+      logging.warning("Checkpoint at step %d could not be restored (%s); trying the previous "
+                      "one.", step, e)
+  return state
+
+
+# ----------------------------------------------------------------------------
+# The loop.
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir`` (resuming from its checkpoints), evaluates, serves."""
+  from twotower_jax import evaluate, serving  # pylint: disable=g-import-not-at-top
+  from twotower_jax import logs  # pylint: disable=g-import-not-at-top
+
+  workdir_path = pathlib.Path(workdir)
+  workdir_path.mkdir(parents=True, exist_ok=True)
+  (workdir_path / "config.json").write_text(config.to_json(indent=1))
+  t_start = time.perf_counter()
+  prep = prepare(config)
+  t_prepared = time.perf_counter()
+
+  b = config.train.batch_size
+  mesh = make_mesh()
+  if b % mesh.size:
+    raise ValueError(f"train.batch_size={b} does not divide over {mesh.size} devices; "
+                     f"use a multiple of {mesh.size}.")
+  num_train = len(prep.train_item)
+  steps_per_epoch = -(-num_train // b)
+  total_steps = steps_per_epoch * config.train.num_epochs
+  model = create_model(config, prep)
+  tx = create_optimizer(config.optimizer, total_steps)
+  state = init_state(model, tx, prep, config, jax.random.key(config.seed))
+  mngr = checkpoint_manager(workdir_path, config)
+  state = restore_latest(mngr, state)
+  start_step = int(state.step)
+
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  state = jax.device_put(state, replicated)
+  data = device_data(prep, config, mesh)
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx,
+                        loss_cfg=ml_collections.FrozenConfigDict(config.loss)),
+      donate_argnums=0)
+
+  log = logs.RunLog(workdir_path, total_examples=total_steps * b,
+                    initial_examples=start_step * b, progress=config.train.progress)
+  train_seconds = 0.0
+  try:
+    for epoch in range(start_step // steps_per_epoch, config.train.num_epochs):
+      idx_SxB, valid_SxB = epoch_batches(num_train, b, config.seed, epoch)
+      first = max(start_step - epoch * steps_per_epoch, 0)
+      idx_SxB = jax.device_put(idx_SxB[first:], batch_sharding_2d(mesh))
+      valid_SxB = jax.device_put(valid_SxB[first:], batch_sharding_2d(mesh))
+      t0 = time.perf_counter()
+      losses_S = []
+      prev = None  # the previous step's (loss, step): checked while the next step runs
+      for i in range(idx_SxB.shape[0]):
+        state, loss = step_fn(state, data, idx_SxB[i], valid_SxB[i])
+        losses_S.append(loss)
+        step = epoch * steps_per_epoch + first + i + 1
+        if prev is not None:
+          _check_finite(*prev)
+          log.progress(b)
+        prev = (loss, step)
+        if step % config.train.checkpoint_every_steps == 0:
+          _check_finite(loss, step)
+          mngr.save(step, args=ocp.args.StandardSave(state))
+      if prev is not None:
+        _check_finite(*prev)
+        log.progress(b)
+      jax.block_until_ready(state)
+      seconds = time.perf_counter() - t0
+      train_seconds += seconds
+      n_ex = int(np.asarray(valid_SxB).sum())
+      log.epoch({"epoch": epoch + 1, "step": int(state.step),
+                 "loss": float(np.mean(np.asarray(jnp.stack(losses_S)))),
+                 "examples_per_second": n_ex / max(seconds, 1e-9), "epoch_seconds": seconds})
+    final_step = int(state.step)
+    if final_step not in mngr.all_steps():
+      mngr.save(final_step, args=ocp.args.StandardSave(state), force=True)
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+    log.close_progress()
+
+  t_eval = time.perf_counter()
+  params = jax.device_get(state.params)
+  metrics = evaluate.evaluate(config, prep, model, params)
+  eval_seconds = time.perf_counter() - t_eval
+  serving.save(workdir_path / "serving", config, prep, model, params)
+  trained_examples = (total_steps - start_step) * b
+  metrics.update({
+      "config": config.name, "split": config.data.split, "seed": int(config.seed),
+      "source": prep.dataset.source, "num_train": num_train, "num_test": len(prep.test_item),
+      "num_candidates": prep.num_items, "prepare_seconds": t_prepared - t_start,
+      "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+      "examples_per_second": trained_examples / train_seconds if train_seconds else None,
+      "resumed_from_step": start_step, "steps": final_step,
+      "devices": jax.device_count(), "backend": jax.default_backend(),
+  })
+  (workdir_path / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+  log.final(metrics)
+  return metrics
+
+
+def batch_sharding_2d(mesh):
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+
+
+def _check_finite(loss: Array, step: int) -> None:
+  value = float(loss)
+  if not np.isfinite(value):
+    raise NonFiniteLossError(
+        f"Training loss is {value} at step {step}. Lower optimizer.learning_rate, set "
+        "optimizer.grad_clip_norm, or check the input features for extreme values; the last "
+        "good checkpoint is kept in the workdir.")
