@@ -63,6 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic_users = 10_000
   c.data.synthetic_items = 10_000
   c.data.synthetic_interactions = 1_000_000
+  c.data.synthetic_clusters = 20
+  c.data.synthetic_affinity = 0.8
+  c.data.synthetic_zipf_a = 1.1
+  c.data.synthetic_seed = 0
 
   c.features = ml_collections.ConfigDict()
   c.features.user_id = False

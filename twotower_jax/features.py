@@ -39,6 +39,8 @@ def fit_vocab(values: np.ndarray, max_size: int | None = None) -> dict[str, Any]
   if values.dtype.kind in "iu":
     values = values[values != PAD]
   uniq, counts = np.unique(values, return_counts=True)
+  if uniq.dtype == object:  # e.g. titles held as Python strings: store as plain unicode
+    uniq = uniq.astype(str)
   order = np.lexsort((uniq, -counts))  # frequency desc, then value asc
   vocab = uniq[order]
   if max_size is not None:
