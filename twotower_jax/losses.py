@@ -84,9 +84,12 @@ def retrieval_loss(
     k = min(num_hard_negatives + 1, scores_BxN.shape[1])
     _, cols_Bxk = jax.lax.top_k(scores_BxN + labels_BxN * MAX_FLOAT, k)
     scores_BxN = jnp.take_along_axis(scores_BxN, cols_Bxk, axis=1)
-    labels_BxN = jnp.take_along_axis(labels_BxN, cols_Bxk, axis=1)
+    positive_B = (jnp.take_along_axis(labels_BxN, cols_Bxk, axis=1) * scores_BxN).sum(1)
+  else:
+    positive_B = jnp.diagonal(scores_BxN)  # the label is one-hot on the diagonal
 
-  ce_B = -(labels_BxN * jax.nn.log_softmax(scores_BxN, axis=1)).sum(axis=1)
+  # Softmax cross-entropy with a one-hot label, without materializing log-probabilities.
+  ce_B = jax.nn.logsumexp(scores_BxN, axis=1) - positive_B
   if valid_B is None:
     return ce_B.mean()
   w_B = valid_B.astype(jnp.float32)

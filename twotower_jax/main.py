@@ -183,6 +183,8 @@ def main() -> None:
       sys.exit(2)
 
   def guarded(argv):
+    if not flags.FLAGS["verbosity"].present:  # library INFO logs (orbax) only on request
+      logging.set_verbosity(logging.WARNING)
     from twotower_jax import data as data_lib  # pylint: disable=g-import-not-at-top
     from twotower_jax import serving  # pylint: disable=g-import-not-at-top
     from twotower_jax import train  # pylint: disable=g-import-not-at-top

@@ -197,6 +197,10 @@ def load(path: str | pathlib.Path) -> Recommender:
   if (path / "serving").is_dir() and not (path / "serving.json").exists():
     path = path / "serving"
   missing = [f for f in _FILES if not (path / f).is_file()]
+  if len(missing) == len(_FILES):
+    raise ServingError(f"{path} holds no serving directory. Train first (python -m "
+                       "twotower_jax.main --config configs/default.py --workdir DIR) and pass "
+                       "DIR or DIR/serving.")
   if missing:
     raise ServingError(f"Serving directory {path} is incomplete: missing {missing}. It was not "
                        "written by a finished training run; retrain into a fresh workdir.")

@@ -317,6 +317,33 @@ def restore_latest(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState
   return state
 
 
+def load_params(workdir: str | pathlib.Path) -> Any:
+  """The model parameters of the newest checkpoint in ``workdir`` (as a nested dict)."""
+  mngr = ocp.CheckpointManager((pathlib.Path(workdir) / "checkpoints").absolute())
+  try:
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints; train first.")
+    return mngr.restore(step, args=ocp.args.StandardRestore())["params"]
+  finally:
+    mngr.close()
+
+
+def put_batches(idx_SxB: np.ndarray, mesh) -> Array:
+  """Epoch batch indices as a global array sharded over "data" along the batch axis.
+
+  With several processes (``config.distributed``) each process supplies its own
+  contiguous share of every batch, so each reads only its share of the examples.
+  """
+  sharding = batch_sharding_2d(mesh)
+  if jax.process_count() == 1:
+    return jax.device_put(idx_SxB, sharding)
+  per = idx_SxB.shape[1] // jax.process_count()
+  lo = jax.process_index() * per
+  return jax.make_array_from_process_local_data(sharding, idx_SxB[:, lo:lo + per],
+                                                idx_SxB.shape)
+
+
 # ----------------------------------------------------------------------------
 # The loop.
 
@@ -349,7 +376,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = int(state.step)
 
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   state = jax.device_put(state, replicated)
   data = device_data(prep, config, mesh)
   step_fn = jax.jit(
@@ -364,8 +390,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     for epoch in range(start_step // steps_per_epoch, config.train.num_epochs):
       idx_SxB, valid_SxB = epoch_batches(num_train, b, config.seed, epoch)
       first = max(start_step - epoch * steps_per_epoch, 0)
-      idx_SxB = jax.device_put(idx_SxB[first:], batch_sharding_2d(mesh))
-      valid_SxB = jax.device_put(valid_SxB[first:], batch_sharding_2d(mesh))
+      idx_SxB = put_batches(idx_SxB[first:], mesh)
+      valid_SxB = put_batches(valid_SxB[first:], mesh)
       t0 = time.perf_counter()
       losses_S = []
       prev = None  # the previous step's (loss, step): checked while the next step runs
@@ -386,7 +412,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       jax.block_until_ready(state)
       seconds = time.perf_counter() - t0
       train_seconds += seconds
-      n_ex = int(np.asarray(valid_SxB).sum())
+      n_ex = int(jnp.sum(valid_SxB))
       log.epoch({"epoch": epoch + 1, "step": int(state.step),
                  "loss": float(np.mean(np.asarray(jnp.stack(losses_S)))),
                  "examples_per_second": n_ex / max(seconds, 1e-9), "epoch_seconds": seconds})
