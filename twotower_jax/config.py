@@ -54,6 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.source = "grouplens"  # grouplens | tfds | ml-1m | ml-20m | ml-25m | synthetic
   c.data.dir = ""  # empty: $TWOTOWER_DATA_DIR, then the user cache (downloading if online)
   c.data.download = True
+  c.data.tfds_data_dir = ""  # source=tfds: TFDS data_dir (empty: TFDS's default)
   c.data.split = "seed"  # seed | random | temporal | leave_last_out | files
   c.data.train_size = 80_000
   c.data.test_size = 10_000

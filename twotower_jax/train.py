@@ -14,7 +14,7 @@ import json
 import logging
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
@@ -243,6 +243,44 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int
   return idx, valid
 
 
+def make_step_fn(model, tx, loss_cfg) -> Callable[..., tuple[TrainState, Array]]:
+  """``step_fn(state, data, idx_SxB, valid_SxB, i)``: the jitted step on batch ``i``.
+
+  Taking the whole epoch's index array and a step number keeps each step to a
+  single dispatch; the state is donated.
+  """
+  frozen = ml_collections.FrozenConfigDict(loss_cfg)
+
+  def indexed_step(state, data, idx_SxB, valid_SxB, i):
+    return train_step(state, data, idx_SxB[i], valid_SxB[i], model=model, tx=tx,
+                      loss_cfg=frozen)
+
+  return jax.jit(indexed_step, donate_argnums=0)
+
+
+def run_epoch(state: TrainState, step_fn, data, idx_SxB: Array, valid_SxB: Array,
+              first_step: int, on_step: Callable[[int, TrainState, Array], None] | None = None
+              ) -> tuple[TrainState, float]:
+  """Runs every batch of an epoch; returns the new state and the epoch's mean loss.
+
+  Each loss is checked for finiteness one step behind (while the next step
+  runs), so a NaN stops training with the step that produced it.
+  """
+  losses_S = []
+  prev = None
+  for i in range(idx_SxB.shape[0]):
+    state, loss = step_fn(state, data, idx_SxB, valid_SxB, i)
+    losses_S.append(loss)
+    if prev is not None:
+      _check_finite(*prev)
+    prev = (loss, first_step + i + 1)
+    if on_step is not None:
+      on_step(first_step + i + 1, state, loss)
+  if prev is not None:
+    _check_finite(*prev)
+  return state, float(np.mean(np.asarray(jnp.stack(losses_S)))) if losses_S else float("nan")
+
+
 # ----------------------------------------------------------------------------
 # Devices.
 
@@ -378,10 +416,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state = jax.device_put(state, replicated)
   data = device_data(prep, config, mesh)
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx,
-                        loss_cfg=ml_collections.FrozenConfigDict(config.loss)),
-      donate_argnums=0)
+  step_fn = make_step_fn(model, tx, config.loss)
 
   log = logs.RunLog(workdir_path, total_examples=total_steps * b,
                     initial_examples=start_step * b, progress=config.train.progress)
@@ -393,28 +428,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       idx_SxB = put_batches(idx_SxB[first:], mesh)
       valid_SxB = put_batches(valid_SxB[first:], mesh)
       t0 = time.perf_counter()
-      losses_S = []
-      prev = None  # the previous step's (loss, step): checked while the next step runs
-      for i in range(idx_SxB.shape[0]):
-        state, loss = step_fn(state, data, idx_SxB[i], valid_SxB[i])
-        losses_S.append(loss)
-        step = epoch * steps_per_epoch + first + i + 1
-        if prev is not None:
-          _check_finite(*prev)
-          log.progress(b)
-        prev = (loss, step)
+
+      def on_step(step, state, loss):
+        log.progress(b)
         if step % config.train.checkpoint_every_steps == 0:
           _check_finite(loss, step)
           mngr.save(step, args=ocp.args.StandardSave(state))
-      if prev is not None:
-        _check_finite(*prev)
-        log.progress(b)
+
+      state, epoch_loss = run_epoch(state, step_fn, data, idx_SxB, valid_SxB,
+                                    epoch * steps_per_epoch + first, on_step)
       jax.block_until_ready(state)
       seconds = time.perf_counter() - t0
       train_seconds += seconds
       n_ex = int(jnp.sum(valid_SxB))
       log.epoch({"epoch": epoch + 1, "step": int(state.step),
-                 "loss": float(np.mean(np.asarray(jnp.stack(losses_S)))),
+                 "loss": epoch_loss,
                  "examples_per_second": n_ex / max(seconds, 1e-9), "epoch_seconds": seconds})
     final_step = int(state.step)
     if final_step not in mngr.all_steps():

@@ -1,0 +1,111 @@
+"""Training throughput: the full epoch loop against the bare jitted step, same run.
+
+  python -m twotower_jax.bench train --config=configs/seed.py --batch_sizes=2048,8192
+
+The bare figure calls the jitted step back to back on one epoch's batches with
+nothing else; the loop figure is ``train.run_epoch`` with everything training
+does per epoch (seeded permutation, host-to-device indices, per-step finiteness
+checks). Compilation is excluded from both (a warm-up step runs first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import jax
+import numpy as np
+
+from twotower_jax import config as config_lib
+from twotower_jax import train
+
+
+def _peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(config, batch_size: int, epochs: int = 2) -> dict:
+  """examples/s of the bare step and of the epoch loop for one batch size."""
+  config = config.copy_and_resolve_references()
+  config.train.batch_size = batch_size
+  t0 = time.perf_counter()
+  prep = train.prepare(config)
+  prepare_s = time.perf_counter() - t0
+  model = train.create_model(config, prep)
+  n = len(prep.train_item)
+  steps = -(-n // batch_size)
+  tx = train.create_optimizer(config.optimizer, steps * epochs)
+  mesh = train.make_mesh()
+  state = jax.device_put(train.init_state(model, tx, prep, config, jax.random.key(0)))
+  data = train.device_data(prep, config, mesh)
+  step_fn = train.make_step_fn(model, tx, config.loss)
+  idx, valid = train.epoch_batches(n, batch_size, config.seed, 0)
+  idx_d, valid_d = train.put_batches(idx, mesh), train.put_batches(valid, mesh)
+  t0 = time.perf_counter()
+  state, loss = step_fn(state, data, idx_d, valid_d, 0)
+  jax.block_until_ready(loss)
+  compile_s = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  for _ in range(epochs):
+    for i in range(steps):
+      state, loss = step_fn(state, data, idx_d, valid_d, i)
+  jax.block_until_ready(state)
+  bare_s = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  for epoch in range(epochs):
+    e_idx, e_valid = train.epoch_batches(n, batch_size, config.seed, epoch + 1)
+    state, _ = train.run_epoch(state, step_fn, data, train.put_batches(e_idx, mesh),
+                               train.put_batches(e_valid, mesh), 0)
+  jax.block_until_ready(state)
+  loop_s = time.perf_counter() - t0
+  examples = n * epochs
+  return {
+      "batch_size": batch_size, "num_train": n, "steps_per_epoch": steps, "epochs": epochs,
+      "prepare_seconds": round(prepare_s, 3), "compile_seconds": round(compile_s, 3),
+      "bare_step_examples_per_second": round(examples / bare_s),
+      "loop_examples_per_second": round(examples / loop_s),
+      "loop_over_bare_time": round(loop_s / bare_s, 3),
+      "peak_rss_mb": round(_peak_rss_mb()),
+  }
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+  p = argparse.ArgumentParser(prog="python -m twotower_jax.bench train", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", default="configs/seed.py")
+  p.add_argument("--batch_sizes", default="2048,8192")
+  p.add_argument("--epochs", type=int, default=2)
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="config override, e.g. --set data.source=synthetic")
+  p.add_argument("--out", default=None, help="also write the figures as JSON here")
+  args = p.parse_args(argv)
+  config = config_lib.load_config_file(args.config)
+  for item in args.set:
+    key, value = item.split("=", 1)
+    node = config
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = type(node[last])(value) if not isinstance(node[last], bool) else (
+        value.lower() in ("1", "true", "yes"))
+  results = []
+  header = {"device": str(jax.devices()[0]), "device_count": jax.device_count(),
+            "backend": jax.default_backend(), "jax": jax.__version__}
+  print(json.dumps(header))
+  for b in (int(x) for x in args.batch_sizes.split(",")):
+    r = measure(config, b, args.epochs)
+    print(json.dumps(r), flush=True)
+    results.append(r)
+  if args.out:
+    with open(args.out, "w", encoding="utf-8") as f:
+      json.dump({"header": header, "results": results}, f, indent=1)
+  return results
+
+
+if __name__ == "__main__":
+  np.set_printoptions(precision=4)
+  main()
