@@ -42,8 +42,8 @@ def test_itemcf_cosine_similarity_and_scores():
   # A repeated training pair counts once.
   fn = baselines.itemcf_scores(np.append(TRAIN_U, 0), np.append(TRAIN_I, 0), 3, 4)
   want = np.array([[S, S, S + 0.5, 0], [S, S + 0.5, S, 0], [2 * S, S + 0.5, S + 0.5, 0]])
-  np.testing.assert_allclose(fn(np.array([0, 1, 2])), want, rtol=1e-6)
-  np.testing.assert_allclose(fn(np.array([2])), want[2:], rtol=1e-6)
+  np.testing.assert_allclose(fn(np.array([0, 1, 2])), want, rtol=1e-6, atol=1e-6)  # + popularity tie-break < 1e-6
+  np.testing.assert_allclose(fn(np.array([2])), want[2:], rtol=1e-6, atol=1e-6)
 
 
 def test_evaluate_baselines_hand_computed():
@@ -97,3 +97,15 @@ def test_movielens_100k_random_split_matches_published_figures(real_data_dir):
   assert out["itemcf/exclude_seen/hr_100"] == pytest.approx(0.51, abs=0.02)
   assert out["itemcf/exclude_seen/hr_10"] == pytest.approx(0.14, abs=0.01)
   assert out["random/include_seen/hr_100"] == pytest.approx(100 / 1682, abs=0.01)
+
+
+def test_itemcf_cold_user_falls_back_to_popularity_order():
+  # Items 0..3; item 2 most popular, then 0. User 2 has no training items.
+  train_u = np.array([0, 0, 1, 1, 1, 3])
+  train_i = np.array([2, 0, 2, 0, 1, 2])
+  fn = baselines.itemcf_scores(train_u, train_i, num_users=4, num_items=4)
+  scores = fn(np.array([2]))[0]
+  assert np.argsort(-scores, kind="stable").tolist() == [2, 0, 1, 3]
+  # With the strictly-higher rule, the cold user's true item 3 is ranked last, not first.
+  ranks = metrics.true_ranks_from_scores(fn(np.array([2])), np.array([3]))
+  assert ranks.tolist() == [3]

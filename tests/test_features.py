@@ -81,7 +81,7 @@ def test_fit_and_encode_on_training_data_only():
   enc = feat.fit_encoders(train, movies, cfg)
   q = feat.encode_queries(enc, train)
   assert q["occupation"].tolist() == [3, 1, 1, 2]  # artist (2x), doctor, writer
-  assert q["time_bucket"].tolist() == [1, 2, 3, 4]
+  assert q["time_bucket"].tolist() == [1, 2, 3, 3]  # the maximum shares the last bucket
   np.testing.assert_allclose(q["age"].mean(), 0.0, atol=1e-6)
   c = feat.encode_candidates(enc, movies, cfg)
   # Movie 13 (never in training) gets the OOV title; genre 3 (unseen) is OOV too.
@@ -98,7 +98,8 @@ def test_unknown_values_at_inference_map_to_oov():
       "raw_user_age": np.array([25.0]), "user_gender": np.array([True]),
       "user_occupation_text": np.array(["astronaut"]), "timestamp": np.array([10**10])})
   assert q["occupation"].tolist() == [0]
-  assert q["time_bucket"].tolist() == [len(enc["time_bucket"]["boundaries"])]
+  # Beyond the training range: the last populated bucket, not an untrained one.
+  assert q["time_bucket"].tolist() == [len(enc["time_bucket"]["boundaries"]) - 1]
 
 
 def test_missing_column_names_the_flag():

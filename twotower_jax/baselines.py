@@ -92,11 +92,21 @@ def itemcf_scores(train_user_idx, train_item_idx, num_users: int,
   MovieLens 100K, U=943, N=1682; about 145 MB for 1M; for 20M, X alone would take
   ~15 GB, so this dense form is meant for the small sets), plus 4 * B*N per
   batch of scores. Time is O(U N^2) once, then O(B N^2) per batch.
+
+  Equal CF scores (above all the zeros of items never co-rated with the user's,
+  and every item for a user without training items) are ordered by popularity:
+  otherwise, under the strictly-higher rank rule, a cold user's all-zero scores
+  would rank every true item first.
   """
   u, i = _check_interactions(train_user_idx, train_item_idx, num_users, num_items, "train")
   x_UxN = binary_matrix(u, i, num_users, num_items)
   sim_NxN = itemcf_similarity(x_UxN)
-  return lambda user_ids_B: x_UxN[np.asarray(user_ids_B)] @ sim_NxN
+  # Popularity positions scaled into [0, 1e-6): below any real CF difference, which is a
+  # cosine sum of at least ~1e-4 here, yet resolved exactly in float64.
+  pop_N = popularity_scores(np.bincount(i, minlength=num_items))([0])[0].astype(np.float64)
+  tiebreak_N = pop_N / (num_items + 1) * 1e-6
+  return lambda user_ids_B: (x_UxN[np.asarray(user_ids_B)] @ sim_NxN).astype(
+      np.float64) + tiebreak_N
 
 
 def evaluate_baselines(train_user_idx, train_item_idx, test_user_idx, test_item_idx,

@@ -167,7 +167,10 @@ def encode_queries(enc: Encoders, cols: Columns) -> dict[str, np.ndarray]:
   if "occupation" in enc:
     out["occupation"] = lookup(enc["occupation"], np.asarray(cols["user_occupation_text"]))
   if "time" in enc:
-    out["time_bucket"] = discretize(enc["time_bucket"], cols["timestamp"])
+    # Times outside the training range go to the first/last populated bucket (Keras would
+    # use buckets 0 and num_buckets, which no training example fills: untrained rows).
+    out["time_bucket"] = np.clip(discretize(enc["time_bucket"], cols["timestamp"]), 1,
+                                 len(enc["time_bucket"]["boundaries"]) - 1)
     out["time"] = normalize(enc["time"], cols["timestamp"])
   return out
 
