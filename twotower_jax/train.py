@@ -258,26 +258,29 @@ def make_step_fn(model, tx, loss_cfg) -> Callable[..., tuple[TrainState, Array]]
   return jax.jit(indexed_step, donate_argnums=0)
 
 
+CHECK_LAG = 8  # steps a loss may be in flight before it is checked
+
+
 def run_epoch(state: TrainState, step_fn, data, idx_SxB: Array, valid_SxB: Array,
               first_step: int, on_step: Callable[[int, TrainState, Array], None] | None = None
               ) -> tuple[TrainState, float]:
   """Runs every batch of an epoch; returns the new state and the epoch's mean loss.
 
-  Each loss is checked for finiteness one step behind (while the next step
-  runs), so a NaN stops training with the step that produced it.
+  Each step's loss is checked for finiteness ``CHECK_LAG`` steps later, so the
+  device keeps a few steps queued while the host waits, and a NaN still stops
+  training naming the step that produced it.
   """
   losses_S = []
-  prev = None
-  for i in range(idx_SxB.shape[0]):
+  num_steps = idx_SxB.shape[0]
+  for i in range(num_steps):
     state, loss = step_fn(state, data, idx_SxB, valid_SxB, i)
     losses_S.append(loss)
-    if prev is not None:
-      _check_finite(*prev)
-    prev = (loss, first_step + i + 1)
+    if i >= CHECK_LAG:
+      _check_finite(losses_S[i - CHECK_LAG], first_step + i - CHECK_LAG + 1)
     if on_step is not None:
       on_step(first_step + i + 1, state, loss)
-  if prev is not None:
-    _check_finite(*prev)
+  for j in range(max(num_steps - CHECK_LAG, 0), num_steps):
+    _check_finite(losses_S[j], first_step + j + 1)
   return state, float(np.mean(np.asarray(jnp.stack(losses_S)))) if losses_S else float("nan")
 
 
