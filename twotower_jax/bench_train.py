@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
       node = node[part]
     node[last] = type(node[last])(value) if not isinstance(node[last], bool) else (
         value.lower() in ("1", "true", "yes"))
+  train.configure_cpu_devices(config.cpu_devices,
+                              int(args.batch_sizes.split(",")[0]))
   results = []
   header = {"device": str(jax.devices()[0]), "device_count": jax.device_count(),
             "backend": jax.default_backend(), "jax": jax.__version__}

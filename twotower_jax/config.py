@@ -48,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = "base"
   c.seed = 42
+  c.cpu_devices = 0  # on CPU: XLA devices the host is split into (0: one per core)
   c.distributed = False  # True: jax.distributed.initialize() for multi-host runs.
 
   c.data = ml_collections.ConfigDict()

@@ -477,20 +477,29 @@ def _ids_to_rows(sorted_ids: np.ndarray, order: np.ndarray, ids: np.ndarray) -> 
   return np.where(found, order[pos_c], -1)
 
 
+def _looks_like_csr(exclude: Any, num_queries: int) -> bool:
+  if not (isinstance(exclude, tuple) and len(exclude) == 2 and np.ndim(exclude[0]) == 1):
+    return False
+  indptr = np.asarray(exclude[0])
+  return (
+    indptr.size == num_queries + 1
+    and np.issubdtype(indptr.dtype, np.integer)
+    and indptr[0] == 0
+    and bool(np.all(np.diff(indptr) >= 0))
+    and np.ndim(exclude[1]) == 1
+    and indptr[-1] == len(exclude[1])
+  )
+
+
 def _per_query_ids(exclude: Any, num_queries: int) -> np.ndarray:
   """[B, E] -1-padded ids from a padded array, CSR (indptr, ids) or B id lists."""
-  if (
-    isinstance(exclude, tuple)
-    and len(exclude) == 2
-    and np.ndim(exclude[0]) == 1
-    and (len(exclude[0]) == num_queries + 1)
-  ):
-    if num_queries == 2 and np.ndim(exclude[1]) == 1 and len(exclude[1]) == 3:
-      raise ValueError(
-        "exclude is ambiguous: a pair that is both CSR (indptr, ids) and two id lists. "
-        "Pass a list of per-query arrays, or a padded [B, E] array."
-      )
+  if isinstance(exclude, tuple) and len(exclude) == 2 and num_queries != 2:
     return csr_to_padded(*exclude)
+  if _looks_like_csr(exclude, num_queries):  # 2 queries: also reads as 2 id lists
+    raise ValueError(
+      "exclude is ambiguous: a pair that is both CSR (indptr, ids) and two id lists. "
+      "Pass a list of per-query id arrays, or a padded [B, E] array."
+    )
   if isinstance(exclude, (list, tuple)):
     if len(exclude) != num_queries:
       raise ValueError(

@@ -82,6 +82,7 @@ def run(argv) -> None:
       import jax  # pylint: disable=g-import-not-at-top
       jax.distributed.initialize()
     from twotower_jax import train  # pylint: disable=g-import-not-at-top
+    train.configure_cpu_devices(config.cpu_devices, config.train.batch_size)
     metrics = train.train_and_evaluate(config, str(workdir))
     print_summary(metrics)
     from twotower_jax import serving  # pylint: disable=g-import-not-at-top

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import pathlib
 import time
 from typing import Any, Callable
@@ -286,6 +287,30 @@ def run_epoch(state: TrainState, step_fn, data, idx_SxB: Array, valid_SxB: Array
 
 # ----------------------------------------------------------------------------
 # Devices.
+
+
+def configure_cpu_devices(requested: int, batch_size: int) -> int:
+  """Splits the host CPU into several XLA devices so data parallelism uses every core.
+
+  XLA runs most element-wise work of one device on one thread; with one device
+  per core, the [B, B] in-batch softmax is split by rows across cores. ``requested``
+  0 means one device per available core, lowered to a divisor of ``batch_size``.
+  Must run before JAX starts its backends; returns the device count asked for
+  (1: nothing changed).
+  """
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  n = requested or cores or 1
+  n = max(1, min(n, batch_size))
+  while batch_size % n:
+    n -= 1
+  if n <= 1 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return 1
+  try:
+    jax.config.update("jax_num_cpu_devices", n)
+  except RuntimeError as e:  # backends already started (e.g. inside a test session)
+    logging.warning("Could not split the CPU into %d devices (%s); using one.", n, e)
+    return 1
+  return n
 
 
 def make_mesh() -> jax.sharding.Mesh:
