@@ -281,6 +281,18 @@ def test_index_exclude_and_allow_by_id():
   assert (got == -1).sum() == 3 * 25 - 20 * 3  # only 20 allowed per query
 
 
+def test_index_exclude_pair_for_two_queries():
+  _, _, ids, idx = make_index()
+  q = np.array([[1, 0, 0, 0], [0, 1, 0, 0]], np.float32)
+  # A pair of id arrays that is not CSR reads as two id lists.
+  _, a = idx.search(q, 5, exclude=(np.array([ids[0], ids[1]]), np.array([ids[2]])))
+  _, b = idx.search(q, 5, exclude=[[ids[0], ids[1]], [ids[2]]])
+  np.testing.assert_array_equal(a, b)
+  assert ids[2] not in b[1] and ids[0] not in b[0]
+  with pytest.raises(ValueError, match="ambiguous"):
+    idx.search(q, 5, exclude=(np.array([0, 1, 2]), np.array([ids[0], ids[1]])))
+
+
 def test_index_ids_beyond_int32():
   c = np.array([[1.0], [3.0], [2.0]], np.float32)
   ids = np.array([2**40 + 5, 2**33, 7], np.int64)
@@ -388,3 +400,12 @@ def test_candidates_are_not_copied(dtype, copies):
   temp = f.lower(q, c).compile().memory_analysis().temp_size_in_bytes
   size = c.size * c.dtype.itemsize
   assert copies * size <= temp < (copies + 0.25) * size
+
+
+def test_faiss_missing_names_the_extra(monkeypatch):
+  import sys
+
+  monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` fail
+  idx = BruteForceIndex(embeddings_NxD=np.ones((3, 2), np.float32), ids_N=[1, 2, 3])
+  with pytest.raises(ImportError, match=r"twotower_jax\[faiss\]"):
+    index.to_faiss(idx)

@@ -1,7 +1,7 @@
 """Benchmarks: `python -m twotower_jax.bench <subcommand> [--flags]`.
 
-Subcommands live in `SUBCOMMANDS` (name -> function taking argv, returning an
-exit code); add new ones there.
+Subcommands live in `SUBCOMMANDS` (name -> function taking the remaining argv;
+an int it returns is the exit code, anything else means 0); add new ones there.
 
 `index` compares, in one run on the same data and device:
   exact       `index.exact_top_k` (block maxima + rescoring; never sorts all scores)
@@ -11,7 +11,11 @@ exit code); add new ones there.
               any exact method
   faiss_flat  `faiss.IndexFlatIP` with --faiss_threads threads (if faiss is installed)
 Warm-up (compilation) is excluded; each repeat times all --num_batches query
-batches per method, methods interleaved; figures are medians over repeats.
+batches per method, methods interleaved; figures are medians over repeats. It
+prints the device and jax version, queries/s, XLA's temp-buffer size per method
+(`compiled.memory_analysis()`), the process peak RSS (and the device's peak bytes
+on accelerators), and how far the methods' result ids agree; --out=PATH writes all
+of it as JSON. Numbers: BENCHMARKS_index.md.
 """
 
 from __future__ import annotations
@@ -360,7 +364,7 @@ def _print_report(r: dict) -> None:
   )
 
 
-SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
+SUBCOMMANDS: dict[str, Callable[[list[str]], object]] = {
   "index": bench_index,
 }
 
@@ -371,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     names = ", ".join(SUBCOMMANDS)
     print(f"usage: python -m twotower_jax.bench {{{names}}} [--flags]  (--help per subcommand)")
     return 2
-  return SUBCOMMANDS[argv[0]](argv[1:])
+  rc = SUBCOMMANDS[argv[0]](argv[1:])
+  return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":
