@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ./run.sh            create/use .venv, install, train configs/default.py, evaluate, recommend
 # ./run.sh test       install the dev extras and run the test suite
-# ./run.sh train ARGS extra flags for python -m twotower_jax.main (e.g. --config.seed=1)
+# ./run.sh [train] FLAGS extra flags for python -m twotower_jax.main (e.g. --config.seed=1)
 set -euo pipefail
 cd "$(dirname "$0")"
 venv="${TWOTOWER_VENV:-.venv}"
@@ -21,7 +21,10 @@ install() {  # install the package with the given extras, once per pyproject.tom
 }
 
 cmd="${1:-train}"
-[ $# -gt 0 ] && shift
+case "$cmd" in
+  -*) cmd=train ;;             # ./run.sh --config.seed=1: flags for training
+  *) [ $# -gt 0 ] && shift ;;
+esac
 case "$cmd" in
   test)
     install "dev,tfds,faiss"

@@ -40,6 +40,7 @@ def trained(data_dir, tmp_path_factory):
 def test_train_prints_metrics_table_and_sample_recommendations(trained):
   workdir, proc = trained
   assert "top-100" in proc.stdout and "popularity" in proc.stdout
+  assert "training items excluded" in proc.stdout
   assert "Sample recommendations for user" in proc.stdout
   assert (workdir / "metrics.json").is_file()
 

@@ -364,8 +364,14 @@ def _print_report(r: dict) -> None:
   )
 
 
+def bench_train(argv: list[str]) -> object:
+  from twotower_jax import bench_train as bt  # pylint: disable=g-import-not-at-top
+  return bt.main(argv)
+
+
 SUBCOMMANDS: dict[str, Callable[[list[str]], object]] = {
   "index": bench_index,
+  "train": bench_train,
 }
 
 

@@ -81,7 +81,7 @@ def measure(config, batch_size: int, epochs: int = 2) -> dict:
   }
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python -m twotower_jax.bench train", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default="configs/seed.py")
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
   if args.out:
     with open(args.out, "w", encoding="utf-8") as f:
       json.dump({"header": header, "results": results}, f, indent=1)
-  return results
+  return 0
 
 
 if __name__ == "__main__":

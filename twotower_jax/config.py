@@ -117,7 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 2048
   c.train.num_epochs = 5
-  c.train.checkpoint_every_steps = 100
+  c.train.checkpoint_every_steps = 500
   c.train.max_checkpoints = 2
   c.train.progress = True
 

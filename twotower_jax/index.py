@@ -436,6 +436,14 @@ def exact_top_k(
   if n == 0 or num_q == 0:
     return (jnp.full((num_q, k), _NEG_INF, jnp.float32), jnp.full((num_q, k), -1, jnp.int32))
   q = jnp.asarray(q_BxD, jnp.float32)
+  if n <= DENSE_MAX_N and not (chunk_size or block_size or tile_size):
+    # A small catalogue: one [B, N] score matrix is cheap and lax.top_k over a short
+    # row beats block selection (which would rescore most candidates anyway).
+    v, i = _dense_top_k(q, c_NxD, exclude, allow_N, k=min(k, n), precision=precision)
+    if k > n:
+      v = jnp.pad(v, ((0, 0), (0, k - n)), constant_values=_NEG_INF)
+      i = jnp.pad(i, ((0, 0), (0, k - n)), constant_values=-1)
+    return v, i
   c = c_NxD
   if c.dtype == jnp.bfloat16 and _backend() == "cpu":
     c = lax.bitcast_convert_type(c, jnp.uint16)  # a copy of the bits; see _f32
@@ -463,6 +471,22 @@ def exact_top_k(
     v = jnp.pad(v, ((0, 0), (0, k - k_sel)), constant_values=_NEG_INF)
     i = jnp.pad(i, ((0, 0), (0, k - k_sel)), constant_values=-1)
   return v, i
+
+
+DENSE_MAX_N = 8192  # catalogues up to this size are scored in one [B, N] matrix
+
+
+@functools.partial(jax.jit, static_argnames=("k", "precision"))
+def _dense_top_k(q, c, exclude, allow_N, *, k, precision):
+  s = _canon(jnp.dot(q, c.astype(jnp.float32).T, precision=precision,
+                     preferred_element_type=jnp.float32))
+  if allow_N is not None:
+    s = jnp.where(allow_N[None, :], s, _NEG_INF)
+  if exclude is not None:
+    rows = jnp.arange(s.shape[0])[:, None]
+    s = s.at[rows, jnp.where(exclude >= 0, exclude, s.shape[1])].set(_NEG_INF, mode="drop")
+  v, i = lax.top_k(s, k)
+  return v, jnp.where(v == _NEG_INF, -1, i).astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------

@@ -168,12 +168,17 @@ def init_state(model, tx, prep: Prepared, config, rng: Array) -> TrainState:
   init_rng, rng = jax.random.split(rng)
   xq = {k: v[:2] for k, v in prep.train_q.items()}
   xc = {k: v[:2] for k, v in prep.cand.items()}
-  params = model.init(init_rng, xq, xc)["params"]
-  freq = {}
-  if config.loss.logq == "streaming":
-    freq = losses.freq_init(config.loss.streaming_buckets)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    freq=freq, rng=rng)
+  streaming = config.loss.logq == "streaming"
+  buckets = config.loss.streaming_buckets
+
+  @jax.jit  # one compilation instead of one per initializer op
+  def init(init_rng, rng, xq, xc):
+    params = model.init(init_rng, xq, xc)["params"]
+    freq = losses.freq_init(buckets) if streaming else {}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      freq=freq, rng=rng)
+
+  return init(init_rng, rng, xq, xc)
 
 
 # ----------------------------------------------------------------------------
