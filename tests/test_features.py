@@ -138,3 +138,12 @@ def test_unknown_config_key_is_rejected_with_suggestion():
   with pytest.raises(ValueError, match="Did you mean 'learning_rate'"):
     config_lib.check_keys(cfg, config_lib.base_config())
   assert isinstance(cfg, ml_collections.ConfigDict)
+
+
+def test_set_path_casts_strings_and_rejects_unknown_keys():
+  cfg = config_lib.base_config()
+  config_lib.set_path(cfg, "train.batch_size", "512")
+  config_lib.set_path(cfg, "features.user_id", "true")
+  assert cfg.train.batch_size == 512 and cfg.features.user_id is True
+  with pytest.raises(ValueError, match="Did you mean 'batch_size'"):
+    config_lib.set_path(cfg, "train.batch_sze", 1)

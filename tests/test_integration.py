@@ -20,8 +20,7 @@ def _config(name, real_data_dir, arg=None, **overrides):
   cfg.data.download = False
   cfg.train.progress = False
   for key, value in overrides.items():
-    section, field = key.split(".")
-    cfg[section][field] = value
+    config_lib.set_path(cfg, key, value)
   return cfg
 
 

@@ -20,11 +20,7 @@ def tiny_config(data_dir, **overrides):
   cfg.data.dir = str(data_dir)
   cfg.data.download = False
   for key, value in overrides.items():
-    node = cfg
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
+    config_lib.set_path(cfg, key, value)
   return cfg
 
 

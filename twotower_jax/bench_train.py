@@ -50,8 +50,14 @@ def measure(config, batch_size: int, epochs: int = 2) -> dict:
   compile_s = time.perf_counter() - t0
 
   def bare(state):
+    # Steps in flight are bounded as in training (an unbounded queue of multi-device CPU
+    # steps can starve XLA's collective rendezvous), with no other work between steps.
+    losses = []
     for i in range(steps):
-      state, _ = step_fn(state, data, idx_d, valid_d, i)
+      state, loss = step_fn(state, data, idx_d, valid_d, i)
+      losses.append(loss)
+      if i >= train.CHECK_LAG:
+        losses[i - train.CHECK_LAG].block_until_ready()
     return jax.block_until_ready(state)
 
   def loop(state, epoch):
@@ -95,13 +101,7 @@ def main(argv: list[str] | None = None) -> int:
   args = p.parse_args(argv)
   config = config_lib.load_config_file(args.config)
   for item in args.set:
-    key, value = item.split("=", 1)
-    node = config
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = type(node[last])(value) if not isinstance(node[last], bool) else (
-        value.lower() in ("1", "true", "yes"))
+    config_lib.set_path(config, *item.split("=", 1))
   train.configure_cpu_devices(config.cpu_devices,
                               int(args.batch_sizes.split(",")[0]))
   results = []

@@ -25,6 +25,20 @@ def sibling_config(this_file: str, name: str, arg: str | None = None) -> ml_coll
   return load_config_file(pathlib.Path(this_file).with_name(f"{name}.py"), arg)
 
 
+def set_path(config: ml_collections.ConfigDict, dotted_key: str, value) -> None:
+  """``set_path(c, "train.batch_size", 512)``; strings are cast to the field's type."""
+  *path, last = dotted_key.split(".")
+  node = config
+  for part in path:
+    node = node[part]
+  if last not in node:
+    raise ValueError(f"Unknown config key {dotted_key!r}.{suggest(last, node.keys())}")
+  if isinstance(value, str) and not isinstance(node[last], str):
+    value = (value.lower() in ("1", "true", "yes")) if isinstance(node[last], bool) else type(
+        node[last])(value)
+  node[last] = value
+
+
 def suggest(key: str, known) -> str:
   match = difflib.get_close_matches(key, list(known), n=1)
   return f" Did you mean {match[0]!r}?" if match else ""
@@ -50,6 +64,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 42
   c.cpu_devices = 0  # on CPU: XLA devices the host is split into (0: one per core)
   c.distributed = False  # True: jax.distributed.initialize() for multi-host runs.
+  c.coordinator_address = ""  # with distributed: host:port of process 0 (empty: auto-detect)
+  c.num_processes = 0
+  c.process_id = -1
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "grouplens"  # grouplens | tfds | ml-1m | ml-20m | ml-25m | synthetic

@@ -726,3 +726,15 @@ __all__: Sequence[str] = (
   "faiss_recall_at_k",
   "to_faiss",
 )
+
+
+def load(path):
+  """Loads a serving directory: ``index.load(path).recommend(features, k)``.
+
+  The directory (``<workdir>/serving``) holds the feature encoders, the query
+  tower's parameters and the candidate embeddings, ids and titles; see
+  `twotower_jax.serving` for the layout. Nothing of training is needed.
+  """
+  from twotower_jax import serving  # pylint: disable=g-import-not-at-top
+
+  return serving.load(path)

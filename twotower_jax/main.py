@@ -80,7 +80,11 @@ def run(argv) -> None:
     config_lib.check_keys(config, config_lib.base_config())
     if config.distributed:
       import jax  # pylint: disable=g-import-not-at-top
-      jax.distributed.initialize()
+      explicit = {}
+      if config.coordinator_address:
+        explicit = {"coordinator_address": config.coordinator_address,
+                    "num_processes": config.num_processes, "process_id": config.process_id}
+      jax.distributed.initialize(**explicit)
     from twotower_jax import train  # pylint: disable=g-import-not-at-top
     train.configure_cpu_devices(config.cpu_devices, config.train.batch_size)
     metrics = train.train_and_evaluate(config, str(workdir))
@@ -118,10 +122,10 @@ def _recommend(workdir: pathlib.Path) -> None:
         feats[k] = [v]
     user = _USER_ID.value
   else:
-    missing = [f"--{n}" for n, v in zip(("age", "gender", "occupation", "time"),
-                                        explicit.values()) if v is None]
     needed = set(serving._needed_columns(rec.encoders))  # pylint: disable=protected-access
-    missing = [m for m, col in zip(missing, explicit) if col in needed]
+    missing = [f"--{flag}" for flag, (col, v) in zip(("age", "gender", "occupation", "time"),
+                                                     explicit.items())
+               if v is None and col in needed]
     if missing:
       raise UsageError(f"recommend needs --user_id or all of --age --gender --occupation "
                        f"--time; missing {' '.join(missing)}.")

@@ -15,9 +15,11 @@ and gives a :class:`Recommender`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
+import zipfile
 from typing import Any, Mapping, Sequence
 
 import flax
@@ -183,8 +185,14 @@ def _needed_columns(encoders: feat.Encoders) -> list[str]:
   return [col for name, col in _QUERY_COLUMNS.items() if name in encoders]
 
 
+@functools.lru_cache(maxsize=8)
+def _query_fn(tower: model_lib.QueryTower):
+  """One jitted query tower per tower configuration (compiled once per input shape)."""
+  return jax.jit(lambda p, x: tower.apply({"params": p}, x))
+
+
 def _apply_query(tower: model_lib.QueryTower, params, xq):
-  return jax.jit(lambda p, x: tower.apply({"params": p}, x))(params, xq)
+  return _query_fn(tower)(params, xq)
 
 
 def load(path: str | pathlib.Path) -> Recommender:
@@ -219,7 +227,7 @@ def load(path: str | pathlib.Path) -> Recommender:
       users = {k: f[k] for k in f.files}
   except ServingError:
     raise
-  except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+  except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
     raise ServingError(f"Serving directory {path} is corrupt ({type(e).__name__}: {e}); "
                        "retrain into a fresh workdir.") from e
   from twotower_jax import index as index_lib  # pylint: disable=g-import-not-at-top

@@ -1,0 +1,110 @@
+"""The serving directory: round trip, Python API, and clear errors for broken directories."""
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from twotower_jax import config as config_lib
+from twotower_jax import index
+from twotower_jax import serving
+from twotower_jax import train
+from conftest import write_synthetic_ml100k
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  data_dir = write_synthetic_ml100k(tmp_path_factory.mktemp("ml100k"), num_users=80,
+                                    num_movies=150, num_ratings=3000, seed=5)
+  cfg = config_lib.load_config_file(REPO / "configs" / "tiny.py")
+  cfg.data.dir = str(data_dir)
+  cfg.data.download = False
+  cfg.eval.baselines = False
+  cfg.train.num_epochs = 1
+  workdir = tmp_path_factory.mktemp("run")
+  train.train_and_evaluate(cfg, str(workdir))
+  return workdir, cfg
+
+
+def test_round_trip_reproduces_the_trained_query_tower(trained):
+  workdir, cfg = trained
+  rec = index.load(workdir / "serving")
+  prep = train.prepare(cfg)
+  model = train.create_model(cfg, prep)
+  params = train.load_params(workdir)
+  # The same 5 test interactions embedded by the training code and by the serving directory.
+  xq = {k: v[:5] for k, v in prep.test_q.items()}
+  want = np.asarray(train._embed_queries(params, xq, model=model))  # pylint: disable=protected-access
+  raw = {c: prep.test[c][:5] for c in ("raw_user_age", "user_gender", "user_occupation_text",
+                                       "timestamp")}
+  np.testing.assert_allclose(rec.embed(raw), want, rtol=1e-5, atol=1e-6)
+  # Candidate embeddings in the directory equal the model's.
+  c_want = np.asarray(train._embed_candidates(params, prep.cand, model=model))  # pylint: disable=protected-access
+  np.testing.assert_allclose(np.asarray(rec.index.embeddings_NxD), c_want, rtol=1e-5, atol=1e-6)
+
+
+def test_recommend_from_python_matches_brute_force(trained):
+  workdir, _ = trained
+  rec = index.load(workdir)  # the workdir itself also works
+  feats = {"raw_user_age": [30.0, 55.0], "user_gender": [True, False],
+           "user_occupation_text": ["engineer", "astronaut"], "timestamp": [880000000] * 2}
+  r = rec.recommend(feats, 7)
+  q = rec.embed(feats)
+  scores = q @ np.asarray(rec.index.embeddings_NxD).T
+  for row in range(2):
+    order = np.argsort(-scores[row], kind="stable")[:7]
+    assert r.movie_id[row].tolist() == np.asarray(rec.index.ids_N)[order].tolist()
+    assert r.genres[row] and all(isinstance(g, list) for g in r.genres[row])
+
+
+def test_only_serving_files_are_needed(trained, tmp_path):
+  workdir, _ = trained
+  copy = tmp_path / "serving_only"
+  shutil.copytree(workdir / "serving", copy)
+  rec = index.load(copy)
+  assert rec.recommend(rec.user_features([1]), 3).movie_id.shape == (1, 3)
+
+
+def test_missing_file_is_named(trained, tmp_path):
+  workdir, _ = trained
+  broken = tmp_path / "broken"
+  shutil.copytree(workdir / "serving", broken)
+  (broken / "candidates.npz").unlink()
+  with pytest.raises(serving.ServingError, match=r"incomplete: missing \['candidates.npz'\]"):
+    index.load(broken)
+
+
+def test_corrupt_file_is_reported(trained, tmp_path):
+  workdir, _ = trained
+  broken = tmp_path / "corrupt"
+  shutil.copytree(workdir / "serving", broken)
+  (broken / "query_params.npz").write_bytes(b"not a zip file")
+  with pytest.raises(serving.ServingError, match="corrupt"):
+    index.load(broken)
+
+
+def test_wrong_format_version_is_reported(trained, tmp_path):
+  workdir, _ = trained
+  broken = tmp_path / "version"
+  shutil.copytree(workdir / "serving", broken)
+  meta = json.loads((broken / "serving.json").read_text())
+  meta["format_version"] = 99
+  (broken / "serving.json").write_text(json.dumps(meta))
+  with pytest.raises(serving.ServingError, match="format_version 99"):
+    index.load(broken)
+
+
+def test_not_a_directory(tmp_path):
+  with pytest.raises(serving.ServingError, match="not found"):
+    index.load(tmp_path / "nope")
+
+
+def test_unknown_user_is_a_clear_error(trained):
+  workdir, _ = trained
+  rec = index.load(workdir)
+  with pytest.raises(serving.ServingError, match="User id 99999 has no training ratings"):
+    rec.user_features([99999])
