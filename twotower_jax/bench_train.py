@@ -27,7 +27,7 @@ def _peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(config, batch_size: int, epochs: int = 2) -> dict:
+def measure(config, batch_size: int, epochs: int = 2, max_steps: int = 0) -> dict:
   """examples/s of the bare step and of the epoch loop for one batch size."""
   config = config.copy_and_resolve_references()
   config.train.batch_size = batch_size
@@ -37,6 +37,8 @@ def measure(config, batch_size: int, epochs: int = 2) -> dict:
   model = train.create_model(config, prep)
   n = len(prep.train_item)
   steps = -(-n // batch_size)
+  if max_steps:  # time only the first steps of each epoch (large data sets)
+    steps = min(steps, max_steps)
   tx = train.create_optimizer(config.optimizer, steps * epochs)
   mesh = train.make_mesh()
   state = jax.device_put(train.init_state(model, tx, prep, config, jax.random.key(0)))
@@ -62,8 +64,8 @@ def measure(config, batch_size: int, epochs: int = 2) -> dict:
 
   def loop(state, epoch):
     e_idx, e_valid = train.epoch_batches(n, batch_size, config.seed, epoch)
-    state, _ = train.run_epoch(state, step_fn, data, train.put_batches(e_idx, mesh),
-                               train.put_batches(e_valid, mesh), 0)
+    state, _ = train.run_epoch(state, step_fn, data, train.put_batches(e_idx[:steps], mesh),
+                               train.put_batches(e_valid[:steps], mesh), 0)
     return jax.block_until_ready(state)
 
   for i in range(min(steps, 10)):  # warm-up: allocator, autotuning, caches
@@ -78,9 +80,9 @@ def measure(config, batch_size: int, epochs: int = 2) -> dict:
     state = loop(state, epoch + 2)
     loop_t.append(time.perf_counter() - t0)
   bare_s, loop_s = float(np.median(bare_t)), float(np.median(loop_t))
-  examples = n
+  examples = steps * batch_size
   return {
-      "batch_size": batch_size, "num_train": n, "steps_per_epoch": steps, "epochs_timed": epochs,
+      "batch_size": batch_size, "num_train": n, "steps_timed_per_epoch": steps, "epochs_timed": epochs,
       "prepare_seconds": round(prepare_s, 3), "compile_seconds": round(compile_s, 3),
       "bare_step_examples_per_second": round(examples / bare_s),
       "loop_examples_per_second": round(examples / loop_s),
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--config", default="configs/seed.py")
   p.add_argument("--batch_sizes", default="2048,8192")
   p.add_argument("--epochs", type=int, default=2)
+  p.add_argument("--max_steps", type=int, default=0,
+                 help="time only this many steps per epoch (0: whole epochs)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override, e.g. --set data.source=synthetic")
   p.add_argument("--out", default=None, help="also write the figures as JSON here")
@@ -109,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             "backend": jax.default_backend(), "jax": jax.__version__}
   print(json.dumps(header))
   for b in (int(x) for x in args.batch_sizes.split(",")):
-    r = measure(config, b, args.epochs)
+    r = measure(config, b, args.epochs, args.max_steps)
     print(json.dumps(r), flush=True)
     results.append(r)
   if args.out:
