@@ -136,3 +136,13 @@ def test_loss_is_differentiable_and_finite():
   g = jax.grad(lambda q: losses.retrieval_loss(q, C, temperature=0.1))(Q)
   assert np.all(np.isfinite(np.asarray(g)))
   assert np.abs(np.asarray(g)).sum() > 0
+
+
+def test_extra_negative_equal_to_the_positive_is_removed():
+  extra = np.array([[0.0, 2.0]], np.float32)  # scores [0, 2]; its id is 9
+  # Row 1's positive is also id 9: that extra column is dropped for row 1 only.
+  got = losses.retrieval_loss(Q, C, extra_c_MxD=extra, extra_ids_M=jnp.array([9]),
+                              positive_ids_B=jnp.array([4, 9]))
+  row0 = -np.log(np.e / (np.e + np.e + 1.0))
+  row1 = -np.log(np.e / (1.0 + np.e))
+  assert float(got) == pytest.approx((row0 + row1) / 2, rel=1e-6)

@@ -36,6 +36,7 @@ def retrieval_loss(
     extra_c_MxD: jax.Array | None = None,
     extra_log_q_M: jax.Array | None = None,
     extra_ids_M: jax.Array | None = None,
+    positive_ids_B: jax.Array | None = None,
 ) -> jax.Array:
   """Mean softmax cross-entropy of each query against the batch's candidates.
 
@@ -49,7 +50,10 @@ def retrieval_loss(
       (same id as the row's positive, off the diagonal) are removed.
     num_hard_negatives: keep only this many highest-scoring negatives.
     valid_B: False for padding rows (excluded as queries and as candidates).
-    extra_c_MxD, extra_log_q_M, extra_ids_M: shared extra negatives.
+    extra_c_MxD, extra_log_q_M, extra_ids_M: shared extra negatives; with
+      ``positive_ids_B`` an extra negative equal to a row's positive is removed
+      for that row (an accidental hit of the sampler).
+    positive_ids_B: ids of the rows' positives, for the extra negatives.
   Returns:
     The scalar loss.
   """
@@ -75,6 +79,10 @@ def retrieval_loss(
     positive_ids_B = ids_N[:b]
     duplicate_BxN = (positive_ids_B[:, None] == ids_N[None, :]).astype(jnp.float32) - labels_BxN
     scores_BxN = scores_BxN + duplicate_BxN * MIN_FLOAT
+  if extra_c_MxD is not None and extra_ids_M is not None and positive_ids_B is not None:
+    hit_BxM = positive_ids_B[:, None] == extra_ids_M[None, :]
+    hit_BxN = jnp.pad(hit_BxM, ((0, 0), (b, 0)))  # in-batch columns untouched
+    scores_BxN = jnp.where(hit_BxN, MIN_FLOAT, scores_BxN)
   if valid_B is not None:
     valid_N = valid_B
     if extra_c_MxD is not None:

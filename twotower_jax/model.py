@@ -127,6 +127,11 @@ class TwoTower(nn.Module):
   learn_temperature: bool = False
   init_temperature: float = 1.0
 
+  def setup(self):
+    if self.learn_temperature:
+      self.log_temperature = self.param(
+          "log_temperature", lambda _: jnp.log(jnp.float32(self.init_temperature)))
+
   def __call__(self, xq, xc):
     return self.query(xq), self.candidate(xc), self.temperature()
 
@@ -139,8 +144,7 @@ class TwoTower(nn.Module):
   def temperature(self) -> jax.Array:
     if not self.learn_temperature:
       return jnp.asarray(self.init_temperature, jnp.float32)
-    log_t = self.param("log_temperature", lambda _: jnp.log(jnp.float32(self.init_temperature)))
-    return jnp.exp(log_t)
+    return jnp.exp(self.log_temperature)
 
 
 def create_model(model_cfg, sizes: Mapping[str, int]) -> TwoTower:

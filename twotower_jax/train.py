@@ -207,6 +207,7 @@ def loss_fn(params, state: TrainState, data: dict[str, Any], idx_B: Array, valid
     kwargs["extra_c_MxD"] = model.apply(variables, _take(data["cand"], extra_M),
                                         method=model_lib.TwoTower.embed_candidates)
     kwargs["extra_ids_M"] = extra_M
+    kwargs["positive_ids_B"] = item_B
     if log_q_B is not None:
       p_B = jnp.exp(log_q_B)
       log_q_B = losses.mixed_log_q(p_B, b, m, n)
