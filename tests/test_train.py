@@ -121,7 +121,7 @@ def test_golden_first_step(ml100k_dir):
   tx = train.create_optimizer(cfg.optimizer, 10)
   state = train.init_state(model, tx, prep, cfg, jax.random.key(0))
   mesh = train.make_mesh()
-  data = train.device_data(prep, cfg, mesh)
+  data = train.device_data(prep, mesh)
   idx = np.arange(cfg.train.batch_size, dtype=np.int32)
   valid = np.ones(cfg.train.batch_size, bool)
   import functools  # pylint: disable=g-import-not-at-top

@@ -41,8 +41,9 @@ def measure(config, batch_size: int, epochs: int = 2, max_steps: int = 0) -> dic
     steps = min(steps, max_steps)
   tx = train.create_optimizer(config.optimizer, steps * epochs)
   mesh = train.make_mesh()
-  state = jax.device_put(train.init_state(model, tx, prep, config, jax.random.key(0)))
-  data = train.device_data(prep, config, mesh)
+  state = jax.device_put(train.init_state(model, tx, prep, config, jax.random.key(0)),
+                         train.replicated(mesh))
+  data = train.device_data(prep, mesh)
   step_fn = train.make_step_fn(model, tx, config.loss)
   idx, valid = train.epoch_batches(n, batch_size, config.seed, 0)
   idx_d, valid_d = train.put_batches(idx, mesh), train.put_batches(valid, mesh)

@@ -325,7 +325,11 @@ def make_mesh() -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def device_data(prep: Prepared, config, mesh) -> dict[str, Any]:
+def replicated(mesh) -> jax.sharding.NamedSharding:
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def device_data(prep: Prepared, mesh) -> dict[str, Any]:
   """Training arrays on the device(s), replicated."""
   counts = prep.item_counts().astype(np.float64)
   data = {
@@ -334,8 +338,7 @@ def device_data(prep: Prepared, config, mesh) -> dict[str, Any]:
       "cand": prep.cand,
       "p_item": (counts / max(counts.sum(), 1.0)).astype(np.float32),
   }
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.device_put(data, replicated)
+  return jax.device_put(data, replicated(mesh))
 
 
 # ----------------------------------------------------------------------------
@@ -447,9 +450,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = restore_latest(mngr, state)
   start_step = int(state.step)
 
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state = jax.device_put(state, replicated)
-  data = device_data(prep, config, mesh)
+  state = jax.device_put(state, replicated(mesh))
+  data = device_data(prep, mesh)
   step_fn = make_step_fn(model, tx, config.loss)
 
   log = logs.RunLog(workdir_path, total_examples=total_steps * b,
