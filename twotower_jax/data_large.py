@@ -311,6 +311,20 @@ def _movies_table(path, ids: list[int], titles: list[str], genres: list[list[str
   }
 
 
+def _movie_row_problem(parts: list[str], fields: str, id_name: str,
+                       genres_hint: str = "") -> str | None:
+  """What is wrong with a split movies row (id, title, genres), or None."""
+  if len(parts) != 3:
+    return f"found {len(parts)} {fields}, expected 3"
+  if not _ID_RE.fullmatch(parts[0]):
+    return f"field 1 ({id_name}) is {parts[0]!r}, expected a non-negative integer"
+  if not parts[1].strip():
+    return "field 2 (title) is empty"
+  if not parts[2]:
+    return f"field 3 (genres) is empty{genres_hint}"
+  return None
+
+
 def read_movies_dat(path) -> dict[str, np.ndarray]:
   """ML-1M ``movies.dat`` (latin-1, ``MovieID::Title::Genres``) -> movies table."""
   path = pathlib.Path(path)
@@ -319,15 +333,7 @@ def read_movies_dat(path) -> dict[str, np.ndarray]:
   ids, titles, genres, linenos = [], [], [], []
   for lineno, line in enumerate(_text_lines(_read(path, "ml-1m"), "latin-1", path), 1):
     parts = line.split("::")
-    problem = None
-    if len(parts) != 3:
-      problem = f"found {len(parts)} '::'-separated fields, expected 3"
-    elif not _ID_RE.fullmatch(parts[0]):
-      problem = f"field 1 (movie id) is {parts[0]!r}, expected a non-negative integer"
-    elif not parts[1].strip():
-      problem = "field 2 (title) is empty"
-    elif not parts[2]:
-      problem = "field 3 (genres) is empty"
+    problem = _movie_row_problem(parts, "'::'-separated fields", "movie id")
     if problem:
       raise _line_error(path, lineno, line, problem, expected, url)
     ids.append(int(parts[0]))
@@ -354,15 +360,8 @@ def read_movies_csv(path) -> dict[str, np.ndarray]:
           raise _line_error(path, 1, lines[0].lstrip("\ufeff"), "the header is not the MovieLens movies "
                             "header", f"the header {','.join(MOVIES_CSV_HEADER)!r}", _CSV_URLS)
         continue
-      problem = None
-      if len(row) != 3:
-        problem = f"found {len(row)} fields, expected 3"
-      elif not _ID_RE.fullmatch(row[0]):
-        problem = f"field 1 (movieId) is {row[0]!r}, expected a non-negative integer"
-      elif not row[1].strip():
-        problem = "field 2 (title) is empty"
-      elif not row[2]:
-        problem = "field 3 (genres) is empty (a movie without genres has '(no genres listed)')"
+      problem = _movie_row_problem(row, "fields", "movieId",
+                                   " (a movie without genres has '(no genres listed)')")
       if problem:
         raise _line_error(path, lineno, lines[lineno - 1], problem, expected, _CSV_URLS)
       ids.append(int(row[0]))
