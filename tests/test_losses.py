@@ -107,6 +107,22 @@ def test_padding_rows_are_ignored():
   assert float(got) == pytest.approx(float(want), rel=1e-6)
 
 
+def test_weights_give_a_weighted_mean():
+  rng = np.random.default_rng(4)
+  q = rng.normal(size=(4, 3)).astype(np.float32)
+  c = rng.normal(size=(4, 3)).astype(np.float32)
+  logits = q @ c.T
+  ce = np.log(np.exp(logits).sum(1)) - np.diag(logits)
+  w = np.array([1.0, 0.5, 0.25, 0.0], np.float32)
+  got = losses.retrieval_loss(q, c, weight_B=jnp.asarray(w))
+  assert float(got) == pytest.approx(float((ce * w).sum() / w.sum()), rel=1e-5)
+  # Weights and padding combine: the padded row counts neither as query nor as candidate.
+  valid = jnp.array([True, True, True, False])
+  got = losses.retrieval_loss(q, c, weight_B=jnp.asarray(w), valid_B=valid)
+  want = losses.retrieval_loss(q[:3], c[:3], weight_B=jnp.asarray(w[:3]))
+  assert float(got) == pytest.approx(float(want), rel=1e-6)
+
+
 def test_extra_negatives_are_extra_columns():
   q, c = Q, C
   extra = np.array([[0.0, 2.0]], np.float32)  # scores [0, 2]

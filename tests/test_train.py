@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from twotower_jax import config as config_lib
+from twotower_jax import data as data_lib
 from twotower_jax import serving
 from twotower_jax import train
 from conftest import write_synthetic_ml100k
@@ -137,3 +138,13 @@ def test_golden_first_step(ml100k_dir):
 
 
 GOLDEN = (4.8514400, 4.8510685)  # measured once; a change means the maths changed
+
+
+def test_recency_weights_halve_per_half_life():
+  day = 86400
+  w = train.recency_weights(np.array([100 * day, 90 * day, 80 * day, 100 * day]), 10.0)
+  np.testing.assert_allclose(w, [1.0, 0.5, 0.25, 1.0], rtol=1e-6)
+  with pytest.raises(ValueError, match="positive number of days"):
+    train.recency_weights(np.array([1, 2]), -1.0)
+  with pytest.raises(data_lib.DataError, match="finite timestamp"):
+    train.recency_weights(np.array([1.0, np.nan]), 10.0)

@@ -134,6 +134,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 2048
   c.train.num_epochs = 5
+  c.train.recency_half_life_days = 0.0  # > 0: weight examples by 0.5 ** (age / half-life)
   c.train.checkpoint_every_steps = 500
   c.train.max_checkpoints = 2
   c.train.progress = True

@@ -12,6 +12,7 @@ Additions beyond TFRS, both off by default:
   shared by the whole batch, appended as columns with label 0; the logQ term
   then uses the mixture's sampling probability.
 * validity masks, so a padded last batch uses the same compiled step.
+* per-query weights (recency weighting of the training examples).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def retrieval_loss(
     extra_log_q_M: jax.Array | None = None,
     extra_ids_M: jax.Array | None = None,
     positive_ids_B: jax.Array | None = None,
+    weight_B: jax.Array | None = None,
 ) -> jax.Array:
   """Mean softmax cross-entropy of each query against the batch's candidates.
 
@@ -54,6 +56,7 @@ def retrieval_loss(
       ``positive_ids_B`` an extra negative equal to a row's positive is removed
       for that row (an accidental hit of the sampler).
     positive_ids_B: ids of the rows' positives, for the extra negatives.
+    weight_B: per-query loss weights (e.g. recency); the mean is weighted.
   Returns:
     The scalar loss.
   """
@@ -98,10 +101,12 @@ def retrieval_loss(
 
   # Softmax cross-entropy with a one-hot label, without materializing log-probabilities.
   ce_B = jax.nn.logsumexp(scores_BxN, axis=1) - positive_B
-  if valid_B is None:
+  if valid_B is None and weight_B is None:
     return ce_B.mean()
-  w_B = valid_B.astype(jnp.float32)
-  return (ce_B * w_B).sum() / jnp.maximum(w_B.sum(), 1.0)
+  w_B = jnp.ones_like(ce_B) if valid_B is None else valid_B.astype(jnp.float32)
+  if weight_B is not None:
+    w_B = w_B * weight_B
+  return (ce_B * w_B).sum() / jnp.maximum(w_B.sum(), 1e-12)
 
 
 def mixed_log_q(p_in_batch: jax.Array, batch_size: int, num_extra: int,

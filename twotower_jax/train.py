@@ -214,6 +214,8 @@ def loss_fn(params, state: TrainState, data: dict[str, Any], idx_B: Array, valid
       kwargs["extra_log_q_M"] = losses.mixed_log_q(
           jnp.take(data["p_item"], extra_M) if loss_cfg.logq == "counts"
           else losses.freq_probability(state.freq, extra_M) / b, b, m, n)
+  if "train_weight" in data:
+    kwargs["weight_B"] = jnp.take(data["train_weight"], idx_B)
   loss = losses.retrieval_loss(
       q_BxD, c_BxD, temperature=temperature, log_q_B=log_q_B,
       candidate_ids_B=item_B if loss_cfg.remove_accidental_hits else None,
@@ -329,7 +331,19 @@ def replicated(mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def device_data(prep: Prepared, mesh) -> dict[str, Any]:
+def recency_weights(timestamps: np.ndarray, half_life_days: float) -> np.ndarray:
+  """Example weights 0.5 ** (age / half-life), age measured from the newest example."""
+  if half_life_days <= 0:
+    raise ValueError(f"train.recency_half_life_days={half_life_days}: use a positive number "
+                     "of days, or 0 to weight every example equally.")
+  t = np.asarray(timestamps, np.float64)
+  if not len(t) or not np.isfinite(t).all():
+    raise data_lib.DataError("train.recency_half_life_days needs a finite timestamp on every "
+                             "training example; set it to 0 for this data set.")
+  return np.exp2(-(t.max() - t) / (half_life_days * 86400.0)).astype(np.float32)
+
+
+def device_data(prep: Prepared, mesh, recency_half_life_days: float = 0.0) -> dict[str, Any]:
   """Training arrays on the device(s), replicated."""
   counts = prep.item_counts().astype(np.float64)
   data = {
@@ -338,6 +352,8 @@ def device_data(prep: Prepared, mesh) -> dict[str, Any]:
       "cand": prep.cand,
       "p_item": (counts / max(counts.sum(), 1.0)).astype(np.float32),
   }
+  if recency_half_life_days:
+    data["train_weight"] = recency_weights(prep.train["timestamp"], recency_half_life_days)
   return jax.device_put(data, replicated(mesh))
 
 
@@ -451,7 +467,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = int(state.step)
 
   state = jax.device_put(state, replicated(mesh))
-  data = device_data(prep, mesh)
+  data = device_data(prep, mesh, config.train.recency_half_life_days)
   step_fn = make_step_fn(model, tx, config.loss)
 
   log = logs.RunLog(workdir_path, total_examples=total_steps * b,

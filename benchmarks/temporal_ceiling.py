@@ -1,0 +1,67 @@
+"""Popularity heuristics on the 90/10 temporal split: how far can recency and demographics go?
+
+    TWOTOWER_DATA_DIR=../shared/data/ml-100k python benchmarks/temporal_ceiling.py
+
+Top-100 hit rate (include_seen) of the most popular movies counted over the last days of
+training, recency-weighted popularity, and popularity within demographic segments blended
+with the global recency-weighted one.
+"""
+
+import pathlib
+
+import numpy as np
+
+from twotower_jax import config as config_lib
+from twotower_jax import data as data_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DAY = 86400.0
+
+
+def hit_rate(scores_M: np.ndarray, test_movies: np.ndarray, k: int = 100) -> float:
+  top = np.argsort(-scores_M, kind="stable")[:k]
+  return float(np.isin(test_movies, top).mean())
+
+
+def main():
+  cfg = config_lib.load_config_file(REPO / "configs" / "demographic.py", "temporal")
+  ds = data_lib.load(cfg.data)
+  train, test = data_lib.train_test(cfg.data, ds, cfg.seed)
+  t, movie = train["timestamp"].astype(np.float64), train["movie_id"]
+  t_max, m = t.max(), int(max(movie.max(), test["movie_id"].max())) + 1
+  new_rows = ~np.isin(test["user_id"], train["user_id"])
+  print(f"train {len(movie)}, test {len(test['movie_id'])} over "
+        f"{(test['timestamp'].max() - t_max) / DAY:.0f} days, "
+        f"{new_rows.mean():.1%} of test rows from users unseen in training")
+  print("| heuristic | top-100 hit rate |\n|---|---|")
+  print(f"| popularity, all training | {hit_rate(np.bincount(movie, minlength=m), test['movie_id']):.4f} |")
+  for days in (14, 30, 60):
+    recent = t >= t_max - days * DAY
+    print(f"| popularity, last {days} days | "
+          f"{hit_rate(np.bincount(movie[recent], minlength=m), test['movie_id']):.4f} |")
+  for half_life in (7, 14, 30, 60):
+    w = np.exp2(-(t_max - t) / (half_life * DAY))
+    print(f"| popularity, half-life {half_life} days | "
+          f"{hit_rate(np.bincount(movie, w, minlength=m), test['movie_id']):.4f} |")
+  w = np.exp2(-(t_max - t) / (14 * DAY))
+  g = np.bincount(movie, w, minlength=m)
+  g /= g.sum()
+  age = lambda d: np.digitize(d["raw_user_age"], [18, 25, 35, 45, 56])
+  segments = {"gender": lambda d: d["user_gender"].astype(int), "age group": age,
+              "occupation": lambda d: d["user_occupation_label"],
+              "gender x age group": lambda d: age(d) * 2 + d["user_gender"].astype(int)}
+  for name, key in segments.items():
+    k_tr, k_te = key(train), key(test)
+    for lam in (0.3, 0.5):
+      hits = 0
+      for k in np.unique(k_te):
+        s = np.bincount(movie[k_tr == k], w[k_tr == k], minlength=m)
+        s /= max(s.sum(), 1e-12)
+        rows = k_te == k
+        hits += hit_rate(lam * s + (1 - lam) * g, test["movie_id"][rows]) * rows.sum()
+      print(f"| {name} segments ({lam:.0%}) + global, half-life 14 days | "
+            f"{hits / len(k_te):.4f} |")
+
+
+if __name__ == "__main__":
+  main()
