@@ -26,6 +26,7 @@ OPTIONS = {
     "all_features": {"features.user_id": True, "features.genres": "all",
                      "features.title_words": True, "features.release_year": True},
     "temporal_split": {"data.split": "temporal"},
+    "sparse_embeddings": {"features.user_id": True, "optimizer.sparse_embeddings": True},
     "recency_weights": {"data.split": "temporal", "train.recency_half_life_days": 30.0},
     "leave_last_out_split": {"data.split": "leave_last_out"},
 }

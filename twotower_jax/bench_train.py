@@ -6,7 +6,9 @@ The bare figure calls the jitted step back to back on one epoch's batches with
 nothing else; the loop figure is ``train.run_epoch`` with everything training
 does per epoch (seeded permutation, host-to-device indices, per-step finiteness
 checks). Compilation and ten warm-up steps are excluded; then bare and
-loop epochs alternate and the medians are reported.
+loop epochs alternate and the medians are reported. ``--compare KEY=VALUE``
+measures a second configuration in the same run (peak RSS is the process's, so
+the second variant's figure includes the first's high-water mark).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def measure(config, batch_size: int, epochs: int = 2, max_steps: int = 0) -> dic
   state = jax.device_put(train.init_state(model, tx, prep, config, jax.random.key(0)),
                          train.replicated(mesh))
   data = train.device_data(prep, mesh)
-  step_fn = train.make_step_fn(model, tx, config.loss)
+  step_fn = train.make_step_fn(model, tx, config.loss, train.sparse_step(config, state.params))
   idx, valid = train.epoch_batches(n, batch_size, config.seed, 0)
   idx_d, valid_d = train.put_batches(idx, mesh), train.put_batches(valid, mesh)
   t0 = time.perf_counter()
@@ -102,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                  help="time only this many steps per epoch (0: whole epochs)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override, e.g. --set data.source=synthetic")
+  p.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
+                 help="also measure each batch size with these overrides, in the same run, "
+                      "and print the speed-up, e.g. --compare optimizer.sparse_embeddings=True")
   p.add_argument("--out", default=None, help="also write the figures as JSON here")
   args = p.parse_args(argv)
   config = config_lib.load_config_file(args.config)
@@ -113,10 +118,23 @@ def main(argv: list[str] | None = None) -> int:
   header = {"device": str(jax.devices()[0]), "device_count": jax.device_count(),
             "backend": jax.default_backend(), "jax": jax.__version__}
   print(json.dumps(header))
+  variants = [("base", config)]
+  if args.compare:
+    other = config.copy_and_resolve_references()
+    for item in args.compare:
+      config_lib.set_path(other, *item.split("=", 1))
+    variants.append((" ".join(args.compare), other))
   for b in (int(x) for x in args.batch_sizes.split(",")):
-    r = measure(config, b, args.epochs, args.max_steps)
-    print(json.dumps(r), flush=True)
-    results.append(r)
+    rows = []
+    for name, cfg in variants:
+      r = {"variant": name, **measure(cfg, b, args.epochs, args.max_steps)}
+      print(json.dumps(r), flush=True)
+      rows.append(r)
+    if len(rows) == 2:
+      print(json.dumps({"batch_size": b, "variant_over_base_bare_speed": round(
+          rows[1]["bare_step_examples_per_second"] / rows[0]["bare_step_examples_per_second"],
+          3)}), flush=True)
+    results.extend(rows)
   if args.out:
     with open(args.out, "w", encoding="utf-8") as f:
       json.dump({"header": header, "results": results}, f, indent=1)

@@ -130,6 +130,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 0
   c.optimizer.weight_decay = 0.0
   c.optimizer.grad_clip_norm = 0.0  # 0: off
+  # True: the user-id and title tables are updated only at the rows a batch uses (for
+  # adagrad/sgd without weight decay equal to the dense update; adam moments become lazy).
+  c.optimizer.sparse_embeddings = False
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 2048

@@ -39,8 +39,29 @@ class MLP(nn.Module):
     return h_BxF
 
 
+class Embed(nn.Module):
+  """``nn.Embed`` with Keras's initializer, whose rows can be supplied at apply time.
+
+  Training with ``optimizer.sparse_embeddings`` passes the rows a batch uses in the
+  ``sparse_rows`` collection (with the ids remapped into them), so the gradient is taken
+  with respect to those rows only, never the whole table.
+  """
+
+  num_embeddings: int
+  features: int
+
+  @nn.compact
+  def __call__(self, idx: jax.Array) -> jax.Array:
+    table_VxE = self.param("embedding", _keras_embed_init, (self.num_embeddings, self.features))
+    if self.has_variable("sparse_rows", "embedding"):
+      return jnp.take(self.get_variable("sparse_rows", "embedding"), idx, axis=0)
+    if self.num_embeddings == 1:
+      return jnp.broadcast_to(table_VxE, idx.shape + (self.features,))
+    return jnp.take(table_VxE, idx, axis=0)
+
+
 def _embed(name: str, size: int, dim: int, idx: jax.Array) -> jax.Array:
-  return nn.Embed(size, dim, embedding_init=_keras_embed_init, name=name)(idx)
+  return Embed(size, dim, name=name)(idx)
 
 
 def _bag(name: str, size: int, dim: int, idx_BxL: jax.Array) -> jax.Array:

@@ -29,6 +29,7 @@ from twotower_jax import data as data_lib
 from twotower_jax import features as feat
 from twotower_jax import losses
 from twotower_jax import model as model_lib
+from twotower_jax import sparse
 
 Array = jax.Array
 
@@ -185,26 +186,43 @@ def init_state(model, tx, prep: Prepared, config, rng: Array) -> TrainState:
 # The step.
 
 
-def loss_fn(params, state: TrainState, data: dict[str, Any], idx_B: Array, valid_B: Array,
-            *, model, loss_cfg: ml_collections.FrozenConfigDict, num_extra_key: Array):
-  """Retrieval loss of the batch ``idx_B`` (rows of the device-resident training data)."""
+def gather_batch(data: dict[str, Any], idx_B: Array, key: Array, num_extra: int
+                 ) -> dict[str, Any]:
+  """The batch ``idx_B`` (rows of the device-resident training data) and extra negatives."""
   item_B = jnp.take(data["train_item"], idx_B)
-  xq = _take(data["train_q"], idx_B)
-  xc = _take(data["cand"], item_B)
-  variables = {"params": params}
-  q_BxD, c_BxD, temperature = model.apply(variables, xq, xc)
-  b = idx_B.shape[0]
+  batch = {"item_B": item_B, "xq": _take(data["train_q"], idx_B),
+           "xc": _take(data["cand"], item_B)}
+  if num_extra:
+    extra_M = jax.random.randint(key, (num_extra,), 0, data["p_item"].shape[0])
+    batch["extra_M"] = extra_M
+    batch["extra_xc"] = _take(data["cand"], extra_M)
+  if "train_weight" in data:
+    batch["weight_B"] = jnp.take(data["train_weight"], idx_B)
+  return batch
+
+
+def loss_fn(params, state: TrainState, data: dict[str, Any], batch: dict[str, Any],
+            valid_B: Array, *, model, loss_cfg: ml_collections.FrozenConfigDict,
+            variables_fn: Callable[[Any], dict[str, Any]] | None = None) -> Array:
+  """Retrieval loss of a batch from ``gather_batch``.
+
+  ``variables_fn`` builds the model variables from ``params`` (sparse embedding
+  updates pass the used rows of the large tables this way); default ``{"params": params}``.
+  """
+  item_B = batch["item_B"]
+  variables = variables_fn(params) if variables_fn else {"params": params}
+  q_BxD, c_BxD, temperature = model.apply(variables, batch["xq"], batch["xc"])
+  b = item_B.shape[0]
   kwargs: dict[str, Any] = {}
   log_q_B = None
   if loss_cfg.logq == "counts":
     log_q_B = jnp.log(jnp.take(data["p_item"], item_B))
   elif loss_cfg.logq == "streaming":
     log_q_B = jnp.log(losses.freq_probability(state.freq, item_B) / b)
-  m = loss_cfg.num_uniform_negatives
-  if m:
-    n = data["p_item"].shape[0]
-    extra_M = jax.random.randint(num_extra_key, (m,), 0, n)
-    kwargs["extra_c_MxD"] = model.apply(variables, _take(data["cand"], extra_M),
+  if "extra_M" in batch:
+    extra_M = batch["extra_M"]
+    m, n = extra_M.shape[0], data["p_item"].shape[0]
+    kwargs["extra_c_MxD"] = model.apply(variables, batch["extra_xc"],
                                         method=model_lib.TwoTower.embed_candidates)
     kwargs["extra_ids_M"] = extra_M
     kwargs["positive_ids_B"] = item_B
@@ -214,29 +232,49 @@ def loss_fn(params, state: TrainState, data: dict[str, Any], idx_B: Array, valid
       kwargs["extra_log_q_M"] = losses.mixed_log_q(
           jnp.take(data["p_item"], extra_M) if loss_cfg.logq == "counts"
           else losses.freq_probability(state.freq, extra_M) / b, b, m, n)
-  if "train_weight" in data:
-    kwargs["weight_B"] = jnp.take(data["train_weight"], idx_B)
-  loss = losses.retrieval_loss(
+  if "weight_B" in batch:
+    kwargs["weight_B"] = batch["weight_B"]
+  return losses.retrieval_loss(
       q_BxD, c_BxD, temperature=temperature, log_q_B=log_q_B,
       candidate_ids_B=item_B if loss_cfg.remove_accidental_hits else None,
       num_hard_negatives=loss_cfg.num_hard_negatives or None, valid_B=valid_B, **kwargs)
-  return loss, item_B
 
 
 def train_step(state: TrainState, data: dict[str, Any], idx_B: Array, valid_B: Array, *,
                model, tx: optax.GradientTransformation,
-               loss_cfg: ml_collections.FrozenConfigDict) -> tuple[TrainState, Array]:
-  """One optimizer step on the batch ``idx_B``; returns the new state and the loss."""
+               loss_cfg: ml_collections.FrozenConfigDict,
+               sparse_embeddings: bool = False) -> tuple[TrainState, Array]:
+  """One optimizer step on the batch ``idx_B``; returns the new state and the loss.
+
+  With ``sparse_embeddings`` the user-id and title tables are read, differentiated and
+  updated only at the rows the batch uses (``twotower_jax.sparse``).
+  """
   rng, extra_key = jax.random.split(state.rng)
-  (loss, item_B), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params, state, data, idx_B, valid_B, model=model, loss_cfg=loss_cfg,
-      num_extra_key=extra_key)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  batch = gather_batch(data, idx_B, extra_key, loss_cfg.num_uniform_negatives)
+  grad_fn = jax.value_and_grad(loss_fn)
+  kwargs = dict(model=model, loss_cfg=loss_cfg)
+  if sparse_embeddings:
+    shapes = sparse.shapes_of(state.params)
+    xcs = [batch["xc"]] + ([batch["extra_xc"]] if "extra_xc" in batch else [])
+    rows, batch["xq"], xcs = sparse.remap(state.params, batch["xq"], xcs)
+    batch["xc"] = xcs[0]
+    if "extra_xc" in batch:
+      batch["extra_xc"] = xcs[1]
+    params = sparse.gather(state.params, rows, shapes)
+    opt_state = sparse.gather(state.opt_state, rows, shapes)
+    kwargs["variables_fn"] = lambda p: sparse.variables(p, state.params, shapes)
+  else:
+    params, opt_state = state.params, state.opt_state
+  loss, grads = grad_fn(params, state, data, batch, valid_B, **kwargs)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  if sparse_embeddings:
+    params = sparse.scatter(state.params, params, rows, shapes)
+    opt_state = sparse.scatter(state.opt_state, opt_state, rows, shapes)
   freq = state.freq
   if loss_cfg.logq == "streaming":
     # Padding rows repeat a real index: they only re-record a hit at the same step.
-    freq = losses.freq_update(freq, item_B, state.step, loss_cfg.streaming_alpha)
+    freq = losses.freq_update(freq, batch["item_B"], state.step, loss_cfg.streaming_alpha)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, freq=freq,
                        rng=rng), loss
 
@@ -252,7 +290,8 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int
   return idx, valid
 
 
-def make_step_fn(model, tx, loss_cfg) -> Callable[..., tuple[TrainState, Array]]:
+def make_step_fn(model, tx, loss_cfg, sparse_embeddings: bool = False
+                 ) -> Callable[..., tuple[TrainState, Array]]:
   """``step_fn(state, data, idx_SxB, valid_SxB, i)``: the jitted step on batch ``i``.
 
   Taking the whole epoch's index array and a step number keeps each step to a
@@ -262,9 +301,20 @@ def make_step_fn(model, tx, loss_cfg) -> Callable[..., tuple[TrainState, Array]]
 
   def indexed_step(state, data, idx_SxB, valid_SxB, i):
     return train_step(state, data, idx_SxB[i], valid_SxB[i], model=model, tx=tx,
-                      loss_cfg=frozen)
+                      loss_cfg=frozen, sparse_embeddings=sparse_embeddings)
 
   return jax.jit(indexed_step, donate_argnums=0)
+
+
+def sparse_step(config, params) -> bool:
+  """Whether steps update embeddings sparsely; an error if the model has no table for it."""
+  if not config.optimizer.sparse_embeddings:
+    return False
+  if not sparse.tables(params):
+    raise ValueError("optimizer.sparse_embeddings=True needs a user-id or title embedding "
+                     "table: set features.user_id=True or features.title=True, or turn "
+                     "sparse_embeddings off.")
+  return True
 
 
 CHECK_LAG = 8  # steps a loss may be in flight before it is checked
@@ -468,7 +518,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   state = jax.device_put(state, replicated(mesh))
   data = device_data(prep, mesh, config.train.recency_half_life_days)
-  step_fn = make_step_fn(model, tx, config.loss)
+  step_fn = make_step_fn(model, tx, config.loss, sparse_step(config, state.params))
 
   log = logs.RunLog(workdir_path, total_examples=total_steps * b,
                     initial_examples=start_step * b, progress=config.train.progress)

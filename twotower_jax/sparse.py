@@ -1,0 +1,112 @@
+"""Sparse embedding updates: a step reads, differentiates and writes only the rows it uses.
+
+With a catalogue of millions of items the dense update of the title and user-id tables
+(every row, every step) costs more than the whole forward and backward pass. With
+``optimizer.sparse_embeddings`` the step instead
+
+1. collects the unique ids each large table is looked up with in the batch (a fixed
+   number of slots, padded with an out-of-range id, so shapes stay static);
+2. gathers those rows of the table and of every optimizer-state leaf shaped like it;
+3. runs the model on the rows (ids remapped into them), takes the gradient with respect
+   to the rows, runs the unchanged optax update on the gathered slice;
+4. scatters the new rows back (padding slots are dropped).
+
+For Adagrad and SGD without weight decay this equals the dense update: a row with a zero
+gradient is left unchanged by both. Adam's moments and weight decay become lazy (rows a
+batch does not use keep their moments and are not decayed), as in TF's ``LazyAdam``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# (tower, embedding module, feature): the tables that grow with users and items.
+TABLES = (("query", "user_id", "user_id"), ("candidate", "title", "title"))
+
+
+def tables(params: Any) -> tuple[tuple[str, str, str], ...]:
+  """The entries of ``TABLES`` that the model has."""
+  return tuple(t for t in TABLES if t[1] in params.get(t[0], {}))
+
+
+def unique_rows(ids: Array, num_rows: int) -> tuple[Array, Array]:
+  """Unique ids padded with ``num_rows`` to ``ids.size`` slots, and ``ids`` remapped into them."""
+  flat = ids.reshape(-1)
+  rows_S, inverse = jnp.unique(flat, size=flat.shape[0], fill_value=num_rows,
+                               return_inverse=True)
+  return rows_S, inverse.reshape(ids.shape)
+
+
+def remap(params: Any, xq: dict[str, Array], xcs: list[dict[str, Array]]
+          ) -> tuple[dict[tuple[str, str], Array], dict[str, Array], list[dict[str, Array]]]:
+  """Rows of each sparse table used by the batch, and the features with ids remapped.
+
+  ``xcs``: every candidate-feature batch the step embeds (in-batch and extra negatives);
+  they share one set of rows.
+  """
+  rows = {}
+  xq = dict(xq)
+  xcs = [dict(x) for x in xcs]
+  for tower, name, feature in tables(params):
+    num_rows = params[tower][name]["embedding"].shape[0]
+    if tower == "query":
+      rows[(tower, name)], xq[feature] = unique_rows(xq[feature], num_rows)
+    else:
+      sizes = [x[feature].shape[0] for x in xcs]
+      rows[(tower, name)], inverse = unique_rows(
+          jnp.concatenate([x[feature] for x in xcs]), num_rows)
+      for x, part in zip(xcs, jnp.split(inverse, list(_cumsum(sizes[:-1])))):
+        x[feature] = part
+  return rows, xq, xcs
+
+
+def _cumsum(sizes):
+  total = 0
+  for s in sizes:
+    total += s
+    yield total
+
+
+def _table_of(path, leaf, shapes: dict[tuple[str, str], tuple[int, ...]]):
+  keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+  if len(keys) >= 3 and keys[-1] == "embedding" and keys[-3:-1] in shapes:
+    if getattr(leaf, "shape", None) == shapes[keys[-3:-1]]:
+      return keys[-3:-1]
+  return None
+
+
+def gather(tree: Any, rows: dict[tuple[str, str], Array], shapes) -> Any:
+  """``tree`` (params or optimizer state) with each sparse-table leaf cut to ``rows``."""
+  def cut(path, leaf):
+    t = _table_of(path, leaf, shapes)
+    return leaf if t is None else leaf.at[rows[t]].get(mode="fill", fill_value=0)
+  return jax.tree_util.tree_map_with_path(cut, tree)
+
+
+def scatter(full: Any, sub: Any, rows: dict[tuple[str, str], Array], shapes) -> Any:
+  """``full`` with the sliced leaves of ``sub`` written back at ``rows`` (padding dropped)."""
+  def put(path, leaf, new):
+    t = _table_of(path, leaf, shapes)
+    return new if t is None else leaf.at[rows[t]].set(new, mode="drop")
+  return jax.tree_util.tree_map_with_path(put, full, sub)
+
+
+def shapes_of(params: Any) -> dict[tuple[str, str], tuple[int, ...]]:
+  return {(tower, name): params[tower][name]["embedding"].shape
+          for tower, name, _ in tables(params)}
+
+
+def variables(sub_params: Any, full_params: Any, shapes) -> dict[str, Any]:
+  """Model variables: full tables under "params" (shapes only), the rows under "sparse_rows"."""
+  params = jax.tree_util.tree_map(lambda x: x, sub_params)  # a copy of the dict structure
+  rows: dict[str, Any] = {}
+  for tower, name in shapes:
+    params[tower] = dict(params[tower])
+    params[tower][name] = {"embedding": jax.lax.stop_gradient(full_params[tower][name]["embedding"])}
+    rows.setdefault(tower, {})[name] = {"embedding": sub_params[tower][name]["embedding"]}
+  return {"params": params, "sparse_rows": rows}
