@@ -46,7 +46,8 @@ def main():
   w = np.exp2(-(t_max - t) / (14 * DAY))
   g = np.bincount(movie, w, minlength=m)
   g /= g.sum()
-  age = lambda d: np.digitize(d["raw_user_age"], [18, 25, 35, 45, 56])
+  def age(d):
+    return np.digitize(d["raw_user_age"], [18, 25, 35, 45, 56])
   segments = {"gender": lambda d: d["user_gender"].astype(int), "age group": age,
               "occupation": lambda d: d["user_occupation_label"],
               "gender x age group": lambda d: age(d) * 2 + d["user_gender"].astype(int)}

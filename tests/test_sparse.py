@@ -82,12 +82,14 @@ def test_lazy_adam_leaves_unused_rows_alone(data_dir):
   cfg = make_config(data_dir, **{"optimizer.name": "adam", "optimizer.learning_rate": 0.01})
   lazy, _, prep, idx = run_steps(cfg, True)
   dense, _, _, _ = run_steps(cfg, False)
-  users = lambda i: prep.train_q["user_id"][idx[i]]
+  def users(i):
+    return prep.train_q["user_id"][idx[i]]
   earlier = np.unique(users(np.arange(STEPS - 1)))
   # Rows used before the last step but not in it.
   rows = np.setdiff1d(earlier, users(STEPS - 1))
   assert len(rows)
-  table = lambda s: np.asarray(s.params["query"]["user_id"]["embedding"])[rows]
+  def table(s):
+    return np.asarray(s.params["query"]["user_id"]["embedding"])[rows]
   # Lazy Adam leaves them where they were; dense Adam keeps moving them by their momentum.
   np.testing.assert_array_equal(table(lazy[-1]), table(lazy[-2]))
   assert not np.allclose(table(dense[-1]), table(dense[-2]))
