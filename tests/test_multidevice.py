@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -57,3 +58,44 @@ def test_eight_devices_match_one(tmp_path, variant):
   np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
   np.testing.assert_allclose(eight["params"], one["params"], rtol=1e-4, atol=1e-5)
   assert eight["hr100"] == pytest.approx(one["hr100"], abs=0.01)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+  """jax.distributed over 2 local processes (1 CPU device each, each feeding its half of
+  every batch) trains exactly like one process with 2 devices."""
+  data_dir = write_synthetic_ml100k(tmp_path / "data", num_users=80, num_movies=150,
+                                    num_ratings=3000, seed=3)
+  one = _run(2, data_dir, tmp_path / "one")
+  workdir = tmp_path / "two"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["JAX_PLATFORMS"] = "cpu"
+  port = _free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "twotower_jax.main", "--config", "configs/tiny.py",
+       f"--workdir={workdir}", f"--config.data.dir={data_dir}", "--config.data.download=False",
+       "--config.cpu_devices=1", "--config.train.batch_size=64", "--config.train.num_epochs=2",
+       "--config.eval.baselines=False", "--config.distributed=True",
+       f"--config.coordinator_address=localhost:{port}", "--config.num_processes=2",
+       f"--config.process_id={rank}"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for rank in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+  assert "top-k accuracy" in outs[0] and "top-k accuracy" not in outs[1]  # process 0 reports
+  losses = [json.loads(x)["loss"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  np.testing.assert_allclose(losses, one["losses"], rtol=1e-5)
+  from twotower_jax import train  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  params = np.concatenate([np.asarray(x, np.float64).ravel()
+                           for x in jax.tree_util.tree_leaves(train.load_params(workdir))])
+  np.testing.assert_allclose(params, one["params"], rtol=1e-4, atol=1e-5)
+  metrics = json.loads((workdir / "metrics.json").read_text())
+  assert metrics["devices"] == 2
+  assert metrics["top_100_accuracy"] == pytest.approx(one["hr100"], abs=0.01)

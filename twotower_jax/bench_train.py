@@ -48,7 +48,8 @@ def measure(config, batch_size: int, epochs: int = 2, max_steps: int = 0) -> dic
   data = train.device_data(prep, mesh)
   step_fn = train.make_step_fn(model, tx, config.loss, train.sparse_step(config, state.params))
   idx, valid = train.epoch_batches(n, batch_size, config.seed, 0)
-  idx_d, valid_d = train.put_batches(idx, mesh), train.put_batches(valid, mesh)
+  # The same [steps, B] shape as the loop's, so both run one compiled step.
+  idx_d, valid_d = train.put_batches(idx[:steps], mesh), train.put_batches(valid[:steps], mesh)
   t0 = time.perf_counter()
   state, loss = step_fn(state, data, idx_d, valid_d, 0)
   jax.block_until_ready(loss)

@@ -17,12 +17,15 @@ class RunLog:
   """Writes ``<workdir>/metrics.jsonl`` and ``<workdir>/tb/`` and drives the progress bar."""
 
   def __init__(self, workdir: pathlib.Path, *, total_examples: int, initial_examples: int = 0,
-               progress: bool = True):
+               progress: bool = True, write: bool = True):
     self.workdir = workdir
+    self._write = write
     self._bar = tqdm.tqdm(total=total_examples, initial=initial_examples, unit="ex",
                           unit_scale=True, desc="train", disable=not progress,
                           dynamic_ncols=True)
     self._tb = None
+    if not write:
+      return
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(str(workdir / "tb"))
@@ -34,6 +37,8 @@ class RunLog:
 
   def epoch(self, record: dict[str, Any]) -> None:
     self._bar.set_postfix(loss=f"{record['loss']:.4f}", epoch=record["epoch"])
+    if not self._write:
+      return
     with open(self.workdir / "metrics.jsonl", "a", encoding="utf-8") as f:
       f.write(json.dumps(record, sort_keys=True) + "\n")
     if self._tb is not None:

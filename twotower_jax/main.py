@@ -88,6 +88,8 @@ def run(argv) -> None:
     from twotower_jax import train  # pylint: disable=g-import-not-at-top
     train.configure_cpu_devices(config.cpu_devices, config.train.batch_size)
     metrics = train.train_and_evaluate(config, str(workdir))
+    if train.jax.process_index() != 0:  # process 0 reports and wrote the serving files
+      return
     print_summary(metrics)
     from twotower_jax import serving  # pylint: disable=g-import-not-at-top
     rec = serving.load(workdir / "serving")

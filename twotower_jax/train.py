@@ -165,21 +165,27 @@ def _take(tree: dict[str, Array], idx: Array) -> dict[str, Array]:
   return {k: jnp.take(v, idx, axis=0) for k, v in tree.items()}
 
 
-def init_state(model, tx, prep: Prepared, config, rng: Array) -> TrainState:
-  init_rng, rng = jax.random.split(rng)
+def init_state(model, tx, prep: Prepared, config, rng: Array | int,
+               sharding: jax.sharding.Sharding | None = None) -> TrainState:
+  """The initial train state; ``rng`` a key or a seed; placed with ``sharding`` if given."""
   xq = {k: v[:2] for k, v in prep.train_q.items()}
   xc = {k: v[:2] for k, v in prep.cand.items()}
   streaming = config.loss.logq == "streaming"
   buckets = config.loss.streaming_buckets
 
-  @jax.jit  # one compilation instead of one per initializer op
-  def init(init_rng, rng, xq, xc):
+  # One compilation instead of one per initializer op; with several processes every one
+  # of them runs it, so the replicated state is built in place rather than copied there.
+  @functools.partial(jax.jit, out_shardings=sharding)
+  def init(rng, xq, xc):
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+      rng = jax.random.key(rng)
+    init_rng, rng = jax.random.split(rng)
     params = model.init(init_rng, xq, xc)["params"]
     freq = losses.freq_init(buckets) if streaming else {}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       freq=freq, rng=rng)
 
-  return init(init_rng, rng, xq, xc)
+  return init(rng, xq, xc)
 
 
 # ----------------------------------------------------------------------------
@@ -404,7 +410,16 @@ def device_data(prep: Prepared, mesh, recency_half_life_days: float = 0.0) -> di
   }
   if recency_half_life_days:
     data["train_weight"] = recency_weights(prep.train["timestamp"], recency_half_life_days)
-  return jax.device_put(data, replicated(mesh))
+  return to_devices(data, replicated(mesh))
+
+
+def to_devices(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+  """Host arrays (the same on every process) as global arrays with ``sharding``."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+  return jax.tree_util.tree_map(
+      lambda x: jax.make_array_from_callback(np.shape(x), sharding,
+                                             lambda idx: np.asarray(x)[idx]), tree)
 
 
 # ----------------------------------------------------------------------------
@@ -460,12 +475,18 @@ def restore_latest(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState
 
 def load_params(workdir: str | pathlib.Path) -> Any:
   """The model parameters of the newest checkpoint in ``workdir`` (as a nested dict)."""
-  mngr = ocp.CheckpointManager((pathlib.Path(workdir) / "checkpoints").absolute())
+  mngr = ocp.CheckpointManager((pathlib.Path(workdir) / "checkpoints").absolute(),
+                               item_handlers=ocp.StandardCheckpointHandler())
   try:
     step = mngr.latest_step()
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints; train first.")
-    return mngr.restore(step, args=ocp.args.StandardRestore())["params"]
+    # Onto one local device, whatever devices and processes saved it.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        mngr.item_metadata(step))
+    return mngr.restore(step, args=ocp.args.StandardRestore(target))["params"]
   finally:
     mngr.close()
 
@@ -496,7 +517,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   workdir_path = pathlib.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
-  (workdir_path / "config.json").write_text(config.to_json(indent=1))
+  primary = jax.process_index() == 0  # with several processes, one writes the files
+  if primary:
+    (workdir_path / "config.json").write_text(config.to_json(indent=1))
   t_start = time.perf_counter()
   prep = prepare(config)
   t_prepared = time.perf_counter()
@@ -511,17 +534,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   total_steps = steps_per_epoch * config.train.num_epochs
   model = create_model(config, prep)
   tx = create_optimizer(config.optimizer, total_steps)
-  state = init_state(model, tx, prep, config, jax.random.key(config.seed))
+  state = init_state(model, tx, prep, config, config.seed, replicated(mesh))
   mngr = checkpoint_manager(workdir_path, config)
   state = restore_latest(mngr, state)
   start_step = int(state.step)
 
-  state = jax.device_put(state, replicated(mesh))
   data = device_data(prep, mesh, config.train.recency_half_life_days)
   step_fn = make_step_fn(model, tx, config.loss, sparse_step(config, state.params))
 
   log = logs.RunLog(workdir_path, total_examples=total_steps * b,
-                    initial_examples=start_step * b, progress=config.train.progress)
+                    initial_examples=start_step * b,
+                    progress=config.train.progress and primary, write=primary)
   train_seconds = 0.0
   try:
     for epoch in range(start_step // steps_per_epoch, config.train.num_epochs):
@@ -558,7 +581,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   params = jax.device_get(state.params)
   metrics = evaluate.evaluate(config, prep, model, params)
   eval_seconds = time.perf_counter() - t_eval
-  serving.save(workdir_path / "serving", config, prep, model, params)
+  if primary:
+    serving.save(workdir_path / "serving", config, prep, model, params)
   trained_examples = (total_steps - start_step) * b
   metrics.update({
       "config": config.name, "split": config.data.split, "seed": int(config.seed),
@@ -569,7 +593,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "resumed_from_step": start_step, "steps": final_step,
       "devices": jax.device_count(), "backend": jax.default_backend(),
   })
-  (workdir_path / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+  if primary:
+    (workdir_path / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
   log.final(metrics)
   return metrics
 
