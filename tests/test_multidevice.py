@@ -24,9 +24,28 @@ cfg.data.download = False
 cfg.train.num_epochs = 2
 cfg.train.batch_size = 64
 cfg.eval.baselines = False
-if sys.argv[3] == "sparse":
+variant = sys.argv[3]
+if variant != "dense":
   cfg.features.user_id = True
-  cfg.optimizer.sparse_embeddings = True
+  cfg.optimizer.sparse_embeddings = "sparse" in variant
+if "sharded" in variant:
+  cfg.train.shard_embeddings = True
+  cfg.model.table_rows_multiple = 8
+  # The tables start and stay split by rows over the devices.
+  prep = train.prepare(cfg)
+  model = train.create_model(cfg, prep)
+  tx = train.create_optimizer(cfg.optimizer, 10)
+  mesh = train.make_mesh()
+  state = train.init_state(model, tx, prep, cfg, 0, mesh)
+  step = train.make_step_fn(model, tx, cfg.loss, cfg.optimizer.sparse_embeddings,
+                            jax.tree_util.tree_map(lambda x: x.sharding, state))
+  idx, valid = train.epoch_batches(len(prep.train_item), 64, 0, 0)
+  state, _ = step(state, train.device_data(prep, mesh), train.put_batches(idx, mesh),
+                  train.put_batches(valid, mesh), 0)
+  for t in ("user_id", "title"):
+    tower = "query" if t == "user_id" else "candidate"
+    spec = state.params[tower][t]["embedding"].sharding.spec
+    assert tuple(spec) == ("data", None), (t, spec)
 m = train.train_and_evaluate(cfg, sys.argv[2])
 losses = [json.loads(l)["loss"] for l in open(sys.argv[2] + "/metrics.jsonl")]
 leaves = [np.asarray(x, np.float64).ravel() for x in
@@ -47,9 +66,10 @@ def _run(devices: int, data_dir, workdir, variant: str = "dense") -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["dense", "sparse"])
+@pytest.mark.parametrize("variant", ["dense", "sparse", "sharded", "sharded_sparse"])
 def test_eight_devices_match_one(tmp_path, variant):
-  """Also with sparse embedding updates (user-id and title rows gathered from the global batch)."""
+  """Also with sparse embedding updates (user-id and title rows gathered from the global
+  batch) and with the user-id and title tables split by rows over the devices."""
   data_dir = write_synthetic_ml100k(tmp_path / "data", num_users=80, num_movies=150,
                                     num_ratings=3000, seed=3)
   one = _run(1, data_dir, tmp_path / "one", variant)
@@ -67,13 +87,17 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("variant", ["dense", "sharded_sparse"])
+def test_two_processes_match_one(tmp_path, variant):
   """jax.distributed over 2 local processes (1 CPU device each, each feeding its half of
   every batch) trains exactly like one process with 2 devices."""
   data_dir = write_synthetic_ml100k(tmp_path / "data", num_users=80, num_movies=150,
                                     num_ratings=3000, seed=3)
-  one = _run(2, data_dir, tmp_path / "one")
+  one = _run(2, data_dir, tmp_path / "one", variant)
   workdir = tmp_path / "two"
+  extra = [] if variant == "dense" else [
+      "--config.features.user_id=True", "--config.optimizer.sparse_embeddings=True",
+      "--config.train.shard_embeddings=True", "--config.model.table_rows_multiple=8"]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
   port = _free_port()
@@ -83,7 +107,7 @@ def test_two_processes_match_one(tmp_path):
        "--config.cpu_devices=1", "--config.train.batch_size=64", "--config.train.num_epochs=2",
        "--config.eval.baselines=False", "--config.distributed=True",
        f"--config.coordinator_address=localhost:{port}", "--config.num_processes=2",
-       f"--config.process_id={rank}"],
+       f"--config.process_id={rank}", *extra],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for rank in range(2)]
   outs = [p.communicate(timeout=600)[0] for p in procs]

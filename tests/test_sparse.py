@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from twotower_jax import config as config_lib
+from twotower_jax import features
 from twotower_jax import sparse
 from twotower_jax import train
 from conftest import write_synthetic_ml100k
@@ -135,3 +136,30 @@ def test_training_benchmark_compares_sparse_with_dense(tmp_path, capsys):
   assert [r["variant"] for r in results] == ["base", "optimizer.sparse_embeddings=True"]
   assert all(r["bare_step_examples_per_second"] > 0 for r in results)
   assert "variant_over_base_bare_speed" in capsys.readouterr().out
+
+
+def test_sharding_needs_rows_that_split(data_dir):
+  cfg = make_config(data_dir, **{"train.shard_embeddings": True})
+  prep = train.prepare(cfg)
+  tx = train.create_optimizer(cfg.optimizer, 10)
+  mesh = jax.sharding.AbstractMesh((8,), ("data",))
+
+  def abstract_state(model):
+    return jax.eval_shape(lambda: train.init_state(model, tx, prep, cfg, 0))
+
+  rows = dict(features.vocab_sizes(prep.encoders))
+  if rows["user_id"] % 8 == 0 and rows["title"] % 8 == 0:
+    pytest.skip("these vocabularies happen to split over 8")
+  with pytest.raises(ValueError, match="table_rows_multiple to a multiple of 8"):
+    train.state_shardings(abstract_state(train.create_model(cfg, prep)), mesh, True)
+  cfg.model.table_rows_multiple = 8
+  model = train.create_model(cfg, prep)
+  assert dict(model.query.vocab_sizes)["user_id"] % 8 == 0
+  assert dict(model.candidate.vocab_sizes)["title"] % 8 == 0
+  shardings = train.state_shardings(abstract_state(model), mesh, True)
+  assert tuple(shardings.params["candidate"]["title"]["embedding"].spec) == ("data", None)
+  assert tuple(shardings.params["candidate"]["mlp"]["dense_0"]["kernel"].spec) == ()
+  # Adagrad's accumulator for the table is split like the table.
+  acc = [s for p, s in jax.tree_util.tree_leaves_with_path(shardings.opt_state)
+         if "title" in jax.tree_util.keystr(p)]
+  assert acc and all(tuple(s.spec) == ("data", None) for s in acc)

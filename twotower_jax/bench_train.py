@@ -36,17 +36,17 @@ def measure(config, batch_size: int, epochs: int = 2, max_steps: int = 0) -> dic
   t0 = time.perf_counter()
   prep = train.prepare(config)
   prepare_s = time.perf_counter() - t0
+  mesh = train.make_mesh()
   model = train.create_model(config, prep)
   n = len(prep.train_item)
   steps = -(-n // batch_size)
   if max_steps:  # time only the first steps of each epoch (large data sets)
     steps = min(steps, max_steps)
   tx = train.create_optimizer(config.optimizer, steps * epochs)
-  mesh = train.make_mesh()
-  state = jax.device_put(train.init_state(model, tx, prep, config, jax.random.key(0)),
-                         train.replicated(mesh))
+  state = train.init_state(model, tx, prep, config, 0, mesh)
   data = train.device_data(prep, mesh)
-  step_fn = train.make_step_fn(model, tx, config.loss, train.sparse_step(config, state.params))
+  step_fn = train.make_step_fn(model, tx, config.loss, train.sparse_step(config, state.params),
+                               jax.tree_util.tree_map(lambda x: x.sharding, state))
   idx, valid = train.epoch_batches(n, batch_size, config.seed, 0)
   # The same [steps, B] shape as the loop's, so both run one compiled step.
   idx_d, valid_d = train.put_batches(idx[:steps], mesh), train.put_batches(valid[:steps], mesh)

@@ -114,6 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.l2_normalize = False
   c.model.temperature = 1.0
   c.model.learn_temperature = False
+  c.model.table_rows_multiple = 1  # pad user-id/title tables to a multiple (for sharding)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.logq = "none"  # none | counts (training frequencies) | streaming (Yi et al. 2019)
@@ -137,6 +138,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 2048
   c.train.num_epochs = 5
+  # True: the user-id and title tables (and their optimizer state) are split by rows over
+  # the devices instead of replicated on each.
+  c.train.shard_embeddings = False
   c.train.recency_half_life_days = 0.0  # > 0: weight examples by 0.5 ** (age / half-life)
   c.train.checkpoint_every_steps = 500
   c.train.max_checkpoints = 2

@@ -72,7 +72,8 @@ def _cumsum(sizes):
     yield total
 
 
-def _table_of(path, leaf, shapes: dict[tuple[str, str], tuple[int, ...]]):
+def table_of(path, leaf, shapes: dict[tuple[str, str], tuple[int, ...]]):
+  """(tower, name) if ``leaf`` (at ``path`` in params or optimizer state) is such a table."""
   keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
   if len(keys) >= 3 and keys[-1] == "embedding" and keys[-3:-1] in shapes:
     if getattr(leaf, "shape", None) == shapes[keys[-3:-1]]:
@@ -83,7 +84,7 @@ def _table_of(path, leaf, shapes: dict[tuple[str, str], tuple[int, ...]]):
 def gather(tree: Any, rows: dict[tuple[str, str], Array], shapes) -> Any:
   """``tree`` (params or optimizer state) with each sparse-table leaf cut to ``rows``."""
   def cut(path, leaf):
-    t = _table_of(path, leaf, shapes)
+    t = table_of(path, leaf, shapes)
     return leaf if t is None else leaf.at[rows[t]].get(mode="fill", fill_value=0)
   return jax.tree_util.tree_map_with_path(cut, tree)
 
@@ -91,7 +92,7 @@ def gather(tree: Any, rows: dict[tuple[str, str], Array], shapes) -> Any:
 def scatter(full: Any, sub: Any, rows: dict[tuple[str, str], Array], shapes) -> Any:
   """``full`` with the sliced leaves of ``sub`` written back at ``rows`` (padding dropped)."""
   def put(path, leaf, new):
-    t = _table_of(path, leaf, shapes)
+    t = table_of(path, leaf, shapes)
     return new if t is None else leaf.at[rows[t]].set(new, mode="drop")
   return jax.tree_util.tree_map_with_path(put, full, sub)
 

@@ -158,7 +158,16 @@ def create_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
 
 
 def create_model(config, prep: Prepared) -> model_lib.TwoTower:
-  return model_lib.create_model(config.model, feat.vocab_sizes(prep.encoders))
+  """The two towers; the user-id and title tables are padded with unused rows up to a
+  multiple of ``model.table_rows_multiple`` (so that they split evenly over devices)."""
+  sizes = dict(feat.vocab_sizes(prep.encoders))
+  m = config.model.table_rows_multiple
+  if m < 1:
+    raise ValueError(f"model.table_rows_multiple={m}: use a positive int (1: no padding).")
+  for _, name, _ in sparse.TABLES:
+    if name in sizes:
+      sizes[name] = -(-sizes[name] // m) * m
+  return model_lib.create_model(config.model, sizes)
 
 
 def _take(tree: dict[str, Array], idx: Array) -> dict[str, Array]:
@@ -166,16 +175,18 @@ def _take(tree: dict[str, Array], idx: Array) -> dict[str, Array]:
 
 
 def init_state(model, tx, prep: Prepared, config, rng: Array | int,
-               sharding: jax.sharding.Sharding | None = None) -> TrainState:
-  """The initial train state; ``rng`` a key or a seed; placed with ``sharding`` if given."""
+               mesh: jax.sharding.Mesh | None = None) -> TrainState:
+  """The initial train state; ``rng`` a key or a seed.
+
+  With a ``mesh`` the state is built in place on it (``state_shardings``).
+  """
   xq = {k: v[:2] for k, v in prep.train_q.items()}
   xc = {k: v[:2] for k, v in prep.cand.items()}
   streaming = config.loss.logq == "streaming"
   buckets = config.loss.streaming_buckets
 
   # One compilation instead of one per initializer op; with several processes every one
-  # of them runs it, so the replicated state is built in place rather than copied there.
-  @functools.partial(jax.jit, out_shardings=sharding)
+  # of them runs it, so the state is built in place rather than copied there.
   def init(rng, xq, xc):
     if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
       rng = jax.random.key(rng)
@@ -185,7 +196,29 @@ def init_state(model, tx, prep: Prepared, config, rng: Array | int,
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       freq=freq, rng=rng)
 
-  return init(rng, xq, xc)
+  shardings = None
+  if mesh is not None:
+    shardings = state_shardings(jax.eval_shape(init, rng, xq, xc), mesh,
+                                config.train.shard_embeddings)
+  return jax.jit(init, out_shardings=shardings)(rng, xq, xc)
+
+
+def state_shardings(state: Any, mesh: jax.sharding.Mesh, shard_embeddings: bool) -> Any:
+  """Replicated everywhere, except (with ``shard_embeddings``) the user-id and title tables
+  and their optimizer-state twins, whose rows are split over "data"."""
+  rep = replicated(mesh)
+  if not shard_embeddings:
+    return jax.tree_util.tree_map(lambda _: rep, state)
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
+  shapes = sparse.shapes_of(state.params)
+  for (_, name), shape in shapes.items():
+    if shape[0] % mesh.size:
+      raise ValueError(
+          f"train.shard_embeddings: the {name} table has {shape[0]} rows, which do not split "
+          f"over {mesh.size} devices. Set model.table_rows_multiple to a multiple of "
+          f"{mesh.size} (e.g. 128) to pad it with unused rows.")
+  return jax.tree_util.tree_map_with_path(
+      lambda path, leaf: rows if sparse.table_of(path, leaf, shapes) else rep, state)
 
 
 # ----------------------------------------------------------------------------
@@ -296,12 +329,12 @@ def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int
   return idx, valid
 
 
-def make_step_fn(model, tx, loss_cfg, sparse_embeddings: bool = False
-                 ) -> Callable[..., tuple[TrainState, Array]]:
+def make_step_fn(model, tx, loss_cfg, sparse_embeddings: bool = False,
+                 state_sharding: Any = None) -> Callable[..., tuple[TrainState, Array]]:
   """``step_fn(state, data, idx_SxB, valid_SxB, i)``: the jitted step on batch ``i``.
 
   Taking the whole epoch's index array and a step number keeps each step to a
-  single dispatch; the state is donated.
+  single dispatch; the state is donated, and keeps ``state_sharding`` if given.
   """
   frozen = ml_collections.FrozenConfigDict(loss_cfg)
 
@@ -309,7 +342,10 @@ def make_step_fn(model, tx, loss_cfg, sparse_embeddings: bool = False
     return train_step(state, data, idx_SxB[i], valid_SxB[i], model=model, tx=tx,
                       loss_cfg=frozen, sparse_embeddings=sparse_embeddings)
 
-  return jax.jit(indexed_step, donate_argnums=0)
+  out = None
+  if state_sharding is not None:
+    out = (state_sharding, replicated(jax.tree_util.tree_leaves(state_sharding)[0].mesh))
+  return jax.jit(indexed_step, donate_argnums=0, out_shardings=out)
 
 
 def sparse_step(config, params) -> bool:
@@ -534,13 +570,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   total_steps = steps_per_epoch * config.train.num_epochs
   model = create_model(config, prep)
   tx = create_optimizer(config.optimizer, total_steps)
-  state = init_state(model, tx, prep, config, config.seed, replicated(mesh))
+  state = init_state(model, tx, prep, config, config.seed, mesh)
   mngr = checkpoint_manager(workdir_path, config)
   state = restore_latest(mngr, state)
   start_step = int(state.step)
 
   data = device_data(prep, mesh, config.train.recency_half_life_days)
-  step_fn = make_step_fn(model, tx, config.loss, sparse_step(config, state.params))
+  step_fn = make_step_fn(model, tx, config.loss, sparse_step(config, state.params),
+                         jax.tree_util.tree_map(lambda x: x.sharding, state))
 
   log = logs.RunLog(workdir_path, total_examples=total_steps * b,
                     initial_examples=start_step * b,
@@ -578,7 +615,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     log.close_progress()
 
   t_eval = time.perf_counter()
-  params = jax.device_get(state.params)
+  params = host_params(state.params)
   metrics = evaluate.evaluate(config, prep, model, params)
   eval_seconds = time.perf_counter() - t_eval
   if primary:
@@ -597,6 +634,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     (workdir_path / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
   log.final(metrics)
   return metrics
+
+
+def host_params(params: Any) -> Any:
+  """Parameters as host arrays, whole (row-sharded tables gathered from every process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return multihost_utils.process_allgather(params, tiled=True)
+  return jax.device_get(params)
 
 
 def batch_sharding_2d(mesh):
