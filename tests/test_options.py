@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from twotower_jax import config as config_lib
+from twotower_jax import serving
 from twotower_jax import train
 from conftest import write_synthetic_ml100k
 
@@ -27,6 +28,8 @@ OPTIONS = {
                      "features.title_words": True, "features.release_year": True},
     "temporal_split": {"data.split": "temporal"},
     "sparse_embeddings": {"features.user_id": True, "optimizer.sparse_embeddings": True},
+    "padded_split_tables": {"features.user_id": True, "train.shard_embeddings": True,
+                            "model.table_rows_multiple": 64},
     "recency_weights": {"data.split": "temporal", "train.recency_half_life_days": 30.0},
     "leave_last_out_split": {"data.split": "leave_last_out"},
 }
@@ -53,6 +56,11 @@ def test_option_trains(name, data_dir, tmp_path):
   losses = [json.loads(x)["loss"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]
   assert 0.0 <= m["include_seen/hr_100"] <= 1.0 and m["exclude_seen/hr_100"] >= 0.0
+  if name == "padded_split_tables":  # padded tables serve like any other
+    params = train.load_params(tmp_path)
+    assert params["candidate"]["title"]["embedding"].shape[0] % 64 == 0
+    rec = serving.load(tmp_path / "serving")
+    assert rec.recommend(rec.user_features([1]), 5).movie_id.shape == (1, 5)
   if name == "l2_learned_temperature":
     params = train.load_params(tmp_path)
     assert float(np.exp(params["log_temperature"])) != pytest.approx(0.1)
