@@ -8,6 +8,7 @@ its batch on the device: per step only a row of indices is read.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -371,18 +372,19 @@ def run_epoch(state: TrainState, step_fn, data, idx_SxB: Array, valid_SxB: Array
   device keeps a few steps queued while the host waits, and a NaN still stops
   training naming the step that produced it.
   """
-  losses_S = []
+  in_flight: collections.deque[Array] = collections.deque()
+  values = []  # each step's loss as a Python float, once checked
   num_steps = idx_SxB.shape[0]
   for i in range(num_steps):
     state, loss = step_fn(state, data, idx_SxB, valid_SxB, i)
-    losses_S.append(loss)
-    if i >= CHECK_LAG:
-      _check_finite(losses_S[i - CHECK_LAG], first_step + i - CHECK_LAG + 1)
+    in_flight.append(loss)
+    if len(in_flight) > CHECK_LAG:
+      values.append(_check_finite(in_flight.popleft(), first_step + len(values) + 1))
     if on_step is not None:
       on_step(first_step + i + 1, state, loss)
-  for j in range(max(num_steps - CHECK_LAG, 0), num_steps):
-    _check_finite(losses_S[j], first_step + j + 1)
-  return state, float(np.mean(np.asarray(jnp.stack(losses_S)))) if losses_S else float("nan")
+  while in_flight:
+    values.append(_check_finite(in_flight.popleft(), first_step + len(values) + 1))
+  return state, float(np.mean(values)) if values else float("nan")
 
 
 # ----------------------------------------------------------------------------
@@ -648,10 +650,12 @@ def batch_sharding_2d(mesh):
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
 
 
-def _check_finite(loss: Array, step: int) -> None:
+def _check_finite(loss: Array, step: int) -> float:
+  """``loss`` as a float; a NaN or infinity stops training naming ``step``."""
   value = float(loss)
   if not np.isfinite(value):
     raise NonFiniteLossError(
         f"Training loss is {value} at step {step}. Lower optimizer.learning_rate, set "
         "optimizer.grad_clip_norm, or check the input features for extreme values; the last "
         "good checkpoint is kept in the workdir.")
+  return value
