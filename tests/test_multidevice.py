@@ -87,7 +87,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["dense", "sharded_sparse"])
+@pytest.mark.parametrize("variant", ["sharded_sparse"])
 def test_two_processes_match_one(tmp_path, variant):
   """jax.distributed over 2 local processes (1 CPU device each, each feeding its half of
   every batch) trains exactly like one process with 2 devices."""

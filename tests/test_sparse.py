@@ -163,3 +163,9 @@ def test_sharding_needs_rows_that_split(data_dir):
   acc = [s for p, s in jax.tree_util.tree_leaves_with_path(shardings.opt_state)
          if "title" in jax.tree_util.keystr(p)]
   assert acc and all(tuple(s.spec) == ("data", None) for s in acc)
+
+
+def test_table_rows_multiple_must_be_positive(data_dir):
+  cfg = make_config(data_dir, **{"model.table_rows_multiple": 0})
+  with pytest.raises(ValueError, match="table_rows_multiple=0: use a positive int"):
+    train.create_model(cfg, train.prepare(cfg))
