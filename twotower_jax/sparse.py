@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -60,16 +61,9 @@ def remap(params: Any, xq: dict[str, Array], xcs: list[dict[str, Array]]
       sizes = [x[feature].shape[0] for x in xcs]
       rows[(tower, name)], inverse = unique_rows(
           jnp.concatenate([x[feature] for x in xcs]), num_rows)
-      for x, part in zip(xcs, jnp.split(inverse, list(_cumsum(sizes[:-1])))):
+      for x, part in zip(xcs, jnp.split(inverse, np.cumsum(sizes)[:-1].tolist())):
         x[feature] = part
   return rows, xq, xcs
-
-
-def _cumsum(sizes):
-  total = 0
-  for s in sizes:
-    total += s
-    yield total
 
 
 def table_of(path, leaf, shapes: dict[tuple[str, str], tuple[int, ...]]):
@@ -104,7 +98,7 @@ def shapes_of(params: Any) -> dict[tuple[str, str], tuple[int, ...]]:
 
 def variables(sub_params: Any, full_params: Any, shapes) -> dict[str, Any]:
   """Model variables: full tables under "params" (shapes only), the rows under "sparse_rows"."""
-  params = jax.tree_util.tree_map(lambda x: x, sub_params)  # a copy of the dict structure
+  params = dict(sub_params)  # copied down to each changed tower below
   rows: dict[str, Any] = {}
   for tower, name in shapes:
     params[tower] = dict(params[tower])
