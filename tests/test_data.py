@@ -542,13 +542,14 @@ def ref_u_data(text):
   return (None, bad) if bad else (np.array(rows, np.int64), bad)
 
 
-def ref_u_user(text):
+def _ref_id_rows(text, num_fields, row_ok):
+  """Rows of a '|' file keyed by a unique integer id in field 0 (a repeated id is bad even
+  where its first line is)."""
   bad, rows, seen = set(), [], set()
   for n, line in enumerate(_ref_lines(text), 1):
     f = line.split("|")
-    ok = (len(f) == 5 and _is_int(f[0]) and _is_int(f[1], 3) and 1 <= int(f[1]) <= 120
-          and f[2] in ("M", "F") and f[3] in data.OCCUPATION_TEXT_TO_LABEL and f[4] != "")
-    if len(f) == 5 and _is_int(f[0]):  # a repeated id is bad even if its first line is
+    ok = len(f) == num_fields and _is_int(f[0]) and row_ok(f)
+    if len(f) == num_fields and _is_int(f[0]):
       ok = ok and int(f[0]) not in seen
       seen.add(int(f[0]))
     if ok:
@@ -556,22 +557,17 @@ def ref_u_user(text):
     else:
       bad.add(n)
   return (None, bad) if bad else (rows, bad)
+
+
+def ref_u_user(text):
+  return _ref_id_rows(text, 5, lambda f: (
+      _is_int(f[1], 3) and 1 <= int(f[1]) <= 120 and f[2] in ("M", "F")
+      and f[3] in data.OCCUPATION_TEXT_TO_LABEL and f[4] != ""))
 
 
 def ref_u_item(text, num_genres):
-  bad, rows, seen = set(), [], set()
-  for n, line in enumerate(_ref_lines(text), 1):
-    f = line.split("|")
-    ok = (len(f) == 5 + num_genres and _is_int(f[0]) and _is_date(f[2])
-          and all(x in ("0", "1") for x in f[5:]))
-    if len(f) == 5 + num_genres and _is_int(f[0]):  # a repeated id is bad even if its first line is
-      ok = ok and int(f[0]) not in seen
-      seen.add(int(f[0]))
-    if ok:
-      rows.append(f)
-    else:
-      bad.add(n)
-  return (None, bad) if bad else (rows, bad)
+  return _ref_id_rows(text, 5 + num_genres, lambda f: (
+      _is_date(f[2]) and all(x in ("0", "1") for x in f[5:])))
 
 
 def ref_u_genre(text):

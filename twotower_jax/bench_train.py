@@ -44,9 +44,8 @@ def measure(config, batch_size: int, epochs: int = 2, max_steps: int = 0) -> dic
     steps = min(steps, max_steps)
   tx = train.create_optimizer(config.optimizer, steps * epochs)
   state = train.init_state(model, tx, prep, config, 0, mesh)
-  data = train.device_data(prep, mesh)
-  step_fn = train.make_step_fn(model, tx, config.loss, train.sparse_step(config, state.params),
-                               jax.tree_util.tree_map(lambda x: x.sharding, state))
+  data = train.device_data(prep, mesh, config.train.recency_half_life_days)
+  step_fn = train.create_step_fn(config, model, tx, state)
   idx, valid = train.epoch_batches(n, batch_size, config.seed, 0)
   # The same [steps, B] shape as the loop's, so both run one compiled step.
   idx_d, valid_d = train.put_batches(idx[:steps], mesh), train.put_batches(valid[:steps], mesh)

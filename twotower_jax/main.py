@@ -78,8 +78,8 @@ def run(argv) -> None:
       raise UsageError("--config is required for training, e.g. --config configs/default.py.")
     config = _CONFIG.value
     config_lib.check_keys(config, config_lib.base_config())
+    import jax  # pylint: disable=g-import-not-at-top
     if config.distributed:
-      import jax  # pylint: disable=g-import-not-at-top
       explicit = {}
       if config.coordinator_address:
         explicit = {"coordinator_address": config.coordinator_address,
@@ -88,7 +88,7 @@ def run(argv) -> None:
     from twotower_jax import train  # pylint: disable=g-import-not-at-top
     train.configure_cpu_devices(config.cpu_devices, config.train.batch_size)
     metrics = train.train_and_evaluate(config, str(workdir))
-    if train.jax.process_index() != 0:  # process 0 reports and wrote the serving files
+    if jax.process_index() != 0:  # process 0 reports and wrote the serving files
       return
     print_summary(metrics)
     from twotower_jax import serving  # pylint: disable=g-import-not-at-top

@@ -26,11 +26,13 @@ import numpy as np
 
 Array = jax.Array
 
-# (tower, embedding module, feature): the tables that grow with users and items.
-TABLES = (("query", "user_id", "user_id"), ("candidate", "title", "title"))
+# (tower, embedding module, feature, batch entries looked up in it): the tables that grow
+# with users and items. The candidate table serves the in-batch and the extra negatives.
+TABLES = (("query", "user_id", "user_id", ("xq",)),
+          ("candidate", "title", "title", ("xc", "extra_xc")))
 
 
-def tables(params: Any) -> tuple[tuple[str, str, str], ...]:
+def tables(params: Any) -> tuple[tuple[str, str, str, tuple[str, ...]], ...]:
   """The entries of ``TABLES`` that the model has."""
   return tuple(t for t in TABLES if t[1] in params.get(t[0], {}))
 
@@ -43,27 +45,20 @@ def unique_rows(ids: Array, num_rows: int) -> tuple[Array, Array]:
   return rows_S, inverse.reshape(ids.shape)
 
 
-def remap(params: Any, xq: dict[str, Array], xcs: list[dict[str, Array]]
-          ) -> tuple[dict[tuple[str, str], Array], dict[str, Array], list[dict[str, Array]]]:
-  """Rows of each sparse table used by the batch, and the features with ids remapped.
-
-  ``xcs``: every candidate-feature batch the step embeds (in-batch and extra negatives);
-  they share one set of rows.
-  """
+def remap(params: Any, batch: dict[str, Any]
+          ) -> tuple[dict[tuple[str, str], Array], dict[str, Any]]:
+  """Rows of each sparse table used by ``batch``, and the batch with its ids remapped."""
   rows = {}
-  xq = dict(xq)
-  xcs = [dict(x) for x in xcs]
-  for tower, name, feature in tables(params):
-    num_rows = params[tower][name]["embedding"].shape[0]
-    if tower == "query":
-      rows[(tower, name)], xq[feature] = unique_rows(xq[feature], num_rows)
-    else:
-      sizes = [x[feature].shape[0] for x in xcs]
-      rows[(tower, name)], inverse = unique_rows(
-          jnp.concatenate([x[feature] for x in xcs]), num_rows)
-      for x, part in zip(xcs, jnp.split(inverse, np.cumsum(sizes)[:-1].tolist())):
-        x[feature] = part
-  return rows, xq, xcs
+  batch = dict(batch)
+  for tower, name, feature, entries in tables(params):
+    present = [e for e in entries if e in batch]
+    sizes = [batch[e][feature].shape[0] for e in present]
+    rows[(tower, name)], inverse = unique_rows(
+        jnp.concatenate([batch[e][feature] for e in present]),
+        params[tower][name]["embedding"].shape[0])
+    for e, part in zip(present, jnp.split(inverse, np.cumsum(sizes)[:-1].tolist())):
+      batch[e] = {**batch[e], feature: part}
+  return rows, batch
 
 
 def table_of(path, leaf, shapes: dict[tuple[str, str], tuple[int, ...]]):
@@ -93,7 +88,7 @@ def scatter(full: Any, sub: Any, rows: dict[tuple[str, str], Array], shapes) -> 
 
 def shapes_of(params: Any) -> dict[tuple[str, str], tuple[int, ...]]:
   return {(tower, name): params[tower][name]["embedding"].shape
-          for tower, name, _ in tables(params)}
+          for tower, name, _, _ in tables(params)}
 
 
 def variables(sub_params: Any, full_params: Any, shapes) -> dict[str, Any]:

@@ -165,7 +165,7 @@ def create_model(config, prep: Prepared) -> model_lib.TwoTower:
   m = config.model.table_rows_multiple
   if m < 1:
     raise ValueError(f"model.table_rows_multiple={m}: use a positive int (1: no padding).")
-  for _, name, _ in sparse.TABLES:
+  for _, name, _, _ in sparse.TABLES:
     if name in sizes:
       sizes[name] = -(-sizes[name] // m) * m
   return model_lib.create_model(config.model, sizes)
@@ -295,11 +295,7 @@ def train_step(state: TrainState, data: dict[str, Any], idx_B: Array, valid_B: A
   kwargs = dict(model=model, loss_cfg=loss_cfg)
   if sparse_embeddings:
     shapes = sparse.shapes_of(state.params)
-    xcs = [batch["xc"]] + ([batch["extra_xc"]] if "extra_xc" in batch else [])
-    rows, batch["xq"], xcs = sparse.remap(state.params, batch["xq"], xcs)
-    batch["xc"] = xcs[0]
-    if "extra_xc" in batch:
-      batch["extra_xc"] = xcs[1]
+    rows, batch = sparse.remap(state.params, batch)
     params = sparse.gather(state.params, rows, shapes)
     opt_state = sparse.gather(state.opt_state, rows, shapes)
     kwargs["variables_fn"] = lambda p: sparse.variables(p, state.params, shapes)
@@ -347,6 +343,13 @@ def make_step_fn(model, tx, loss_cfg, sparse_embeddings: bool = False,
   if state_sharding is not None:
     out = (state_sharding, replicated(jax.tree_util.tree_leaves(state_sharding)[0].mesh))
   return jax.jit(indexed_step, donate_argnums=0, out_shardings=out)
+
+
+def create_step_fn(config, model, tx, state: TrainState
+                   ) -> Callable[..., tuple[TrainState, Array]]:
+  """``make_step_fn`` as ``config`` asks, keeping ``state``'s shardings."""
+  return make_step_fn(model, tx, config.loss, sparse_step(config, state.params),
+                      jax.tree_util.tree_map(lambda x: x.sharding, state))
 
 
 def sparse_step(config, params) -> bool:
@@ -578,8 +581,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = int(state.step)
 
   data = device_data(prep, mesh, config.train.recency_half_life_days)
-  step_fn = make_step_fn(model, tx, config.loss, sparse_step(config, state.params),
-                         jax.tree_util.tree_map(lambda x: x.sharding, state))
+  step_fn = create_step_fn(config, model, tx, state)
 
   log = logs.RunLog(workdir_path, total_examples=total_steps * b,
                     initial_examples=start_step * b,
