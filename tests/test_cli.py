@@ -2,10 +2,12 @@
 
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import write_synthetic_ml100k
@@ -29,6 +31,42 @@ def data_dir(tmp_path_factory):
                                 num_ratings=3000, seed=2)
 
 
+# One printed recommendation: "  <rank>. <score>  <title>  [<genre>, ...]".
+RANKED = re.compile(r"^ +(\d+)\. +(-?\d+\.\d{3})  (.+)  \[(.*)\]$")
+
+
+def ranked_lists(stdout):
+  """{"Top 4": [(rank, score, title), ...], "Bottom 2": [...]} from recommend's output."""
+  lists, current = {}, None
+  for line in stdout.splitlines():
+    if re.fullmatch(r"(Top|Bottom) \d+:", line):
+      current = lists.setdefault(line[:-1], [])
+    elif line.strip():
+      match = RANKED.match(line)
+      assert match and current is not None, f"unexpected line {line!r} in:\n{stdout}"
+      current.append((int(match[1]), float(match[2]), match[3]))
+  return lists
+
+
+def titles_by_id(data_dir):
+  """movie id -> title, read from u.item."""
+  rows = (pathlib.Path(data_dir) / "u.item").read_bytes().decode("latin-1").splitlines()
+  return {int(r.split("|")[0]): r.split("|")[1] for r in rows}
+
+
+def rated_in_training(workdir, user_id):
+  """Movie ids ``user_id`` rated in the training split, from the serving directory's users.npz."""
+  with np.load(workdir / "serving" / "users.npz") as f:
+    row = int(np.flatnonzero(f["user_id"] == user_id)[0])
+    ptr = f["rated_indptr"]
+    return set(f["rated_movie_id"][ptr[row]:ptr[row + 1]].tolist())
+
+
+def rated_in_u_data(data_dir, user_id):
+  ratings = np.loadtxt(pathlib.Path(data_dir) / "u.data", dtype=np.int64)
+  return set(ratings[ratings[:, 0] == user_id, 1].tolist())
+
+
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("cli_run")
@@ -45,16 +83,38 @@ def test_train_prints_metrics_table_and_sample_recommendations(trained):
   assert (workdir / "metrics.json").is_file()
 
 
-def test_recommend_for_a_known_user(trained):
+def test_recommend_for_a_known_user(trained, data_dir):
   workdir, _ = trained
   proc = run_cli("--mode=recommend", f"--workdir={workdir}", "--user_id=3", "--top_n=4",
                  "--bottom_n=2", "--exclude_rated", check=True)
-  lines = proc.stdout.splitlines()
-  assert lines[0] == "Top 4:" and "Bottom 2:" in lines
-  ranked = [l for l in lines if l.strip()[:2].rstrip(".").isdigit()]
-  assert len(ranked) == 6
-  titles = [l.split("  ")[2] for l in ranked[:4]]
-  assert len(set(titles)) == 4
+  assert proc.stdout.splitlines()[0] == "Top 4:"
+  lists = ranked_lists(proc.stdout)
+  assert list(lists) == ["Top 4", "Bottom 2"]
+  top, bottom = lists["Top 4"], lists["Bottom 2"]
+  assert [r for r, _, _ in top] == [1, 2, 3, 4] and [r for r, _, _ in bottom] == [1, 2]
+  assert [s for _, s, _ in top] == sorted((s for _, s, _ in top), reverse=True)
+  assert [s for _, s, _ in bottom] == sorted(s for _, s, _ in bottom)  # lowest first
+  assert min(s for _, s, _ in top) >= max(s for _, s, _ in bottom)
+  titles = [t for _, _, t in top + bottom]
+  assert len(set(titles)) == 6
+  # --exclude_rated: none of the printed movies is one user 3 rated in training.
+  rated = rated_in_training(workdir, 3)
+  assert rated and rated <= rated_in_u_data(data_dir, 3)
+  title_of = titles_by_id(data_dir)
+  assert not set(titles) & {title_of[m] for m in rated}
+
+
+def test_exclude_rated_leaves_exactly_the_unrated_movies(trained, data_dir):
+  """Asking for the whole catalogue (150 movies) prints every movie but the rated ones."""
+  workdir, _ = trained
+  proc = run_cli("--mode=recommend", f"--workdir={workdir}", "--user_id=3", "--top_n=150",
+                 "--exclude_rated", check=True)
+  top = ranked_lists(proc.stdout)["Top 150"]
+  title_of = titles_by_id(data_dir)
+  unrated = {t for m, t in title_of.items() if m not in rated_in_training(workdir, 3)}
+  assert len(unrated) < 150
+  assert [r for r, _, _ in top] == list(range(1, len(unrated) + 1))
+  assert {t for _, _, t in top} == unrated
 
 
 def test_recommend_from_explicit_features(trained):
@@ -62,6 +122,9 @@ def test_recommend_from_explicit_features(trained):
   proc = run_cli("--mode=recommend", f"--workdir={workdir}", "--age=30", "--gender=F",
                  "--occupation=engineer", "--time=880000000", "--top_n=3", check=True)
   assert proc.stdout.startswith("Top 3:")
+  top = ranked_lists(proc.stdout)["Top 3"]
+  assert [r for r, _, _ in top] == [1, 2, 3] and len({t for _, _, t in top}) == 3
+  assert [s for _, s, _ in top] == sorted((s for _, s, _ in top), reverse=True)
 
 
 def test_recommend_unknown_occupation_is_an_error_with_the_known_values(trained):
@@ -72,13 +135,20 @@ def test_recommend_unknown_occupation_is_an_error_with_the_known_values(trained)
   assert "Unknown occupation 'enginer'" in proc.stderr and "Did you mean 'engineer'" in proc.stderr
   ok = run_cli("--mode=recommend", f"--workdir={workdir}", "--age=30", "--gender=F",
                "--occupation=astronaut", "--time=880000000", "--allow_unknown", check=True)
-  assert ok.stdout.startswith("Top 10:")
+  assert ok.stdout.startswith("Top 10:") and len(ranked_lists(ok.stdout)["Top 10"]) == 10
 
 
 def test_recommend_missing_features_names_them(trained):
   workdir, _ = trained
   proc = run_cli("--mode=recommend", f"--workdir={workdir}", "--age=30")
-  assert proc.returncode == 2 and "--gender" in proc.stderr and "--time" in proc.stderr
+  assert proc.returncode == 2
+  assert "recommend needs --user_id or all of" in proc.stderr
+  # The part after "missing" lists exactly the flags not given, in order.
+  assert proc.stderr.strip().endswith("; missing --gender --occupation --time."), proc.stderr
+  proc = run_cli("--mode=recommend", f"--workdir={workdir}", "--age=30", "--gender=F",
+                 "--time=880000000")
+  assert proc.returncode == 2
+  assert proc.stderr.strip().endswith("; missing --occupation."), proc.stderr
 
 
 def test_export_ranker_writes_top_n_per_query(trained):
@@ -100,7 +170,8 @@ def test_unknown_config_key_suggests_the_right_one(data_dir, tmp_path):
   proc = run_cli("--config", "configs/tiny.py", f"--workdir={tmp_path}",
                  "--config.train.batch_sze=3")
   assert proc.returncode == 2
-  assert "batch_size" in proc.stderr and "Traceback" not in proc.stderr
+  assert "Unknown config key" in proc.stderr and "batch_sze" in proc.stderr
+  assert 'Did you mean "batch_size"' in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_unknown_key_in_a_config_file(data_dir, tmp_path):
@@ -110,7 +181,8 @@ def test_unknown_key_in_a_config_file(data_dir, tmp_path):
                  "  return c\n")
   proc = run_cli("--config", str(cfg), f"--workdir={tmp_path / 'w'}")
   assert proc.returncode == 2
-  assert "optimizer.lerning_rate" in proc.stderr and "learning_rate" in proc.stderr
+  assert "Unknown config key 'optimizer.lerning_rate'." in proc.stderr
+  assert "Did you mean 'learning_rate'?" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_missing_data_says_where_it_looked_and_how_to_fix(tmp_path):
@@ -121,6 +193,10 @@ def test_missing_data_says_where_it_looked_and_how_to_fix(tmp_path):
                  env={"TWOTOWER_DATA_DIR": str(empty), "XDG_CACHE_HOME": str(tmp_path / "c")})
   assert proc.returncode == 2
   assert str(empty) in proc.stderr and "Traceback" not in proc.stderr
+  assert f"{empty} (from $TWOTOWER_DATA_DIR) lacks u.data, u.item, u.user" in proc.stderr
+  # The fix: point the variable at the extracted files, or unset it to use the download cache.
+  assert "Fix: point $TWOTOWER_DATA_DIR at the folder that holds the extracted" in proc.stderr
+  assert f"unset it to use the cache {tmp_path / 'c'}" in proc.stderr
 
 
 def test_malformed_line_names_file_and_line(data_dir, tmp_path):
@@ -132,7 +208,9 @@ def test_malformed_line_names_file_and_line(data_dir, tmp_path):
   proc = run_cli("--config", "configs/tiny.py", f"--workdir={tmp_path / 'w'}",
                  f"--config.data.dir={bad}", "--config.data.download=False")
   assert proc.returncode == 2
-  assert "u.data" in proc.stderr and "line 7" in proc.stderr
+  assert f"{bad / 'u.data'}:7: field 2 (movie id) is 'not-a-number'" in proc.stderr
+  assert f"Fix: correct or delete line 7 of {bad / 'u.data'}" in proc.stderr
+  assert "Traceback" not in proc.stderr
 
 
 def test_recommend_without_a_trained_run(tmp_path):

@@ -213,10 +213,19 @@ def test_missing_files_name_path_and_url(ml1m_dir, csv_dir, tmp_path):
 # MovieLens 20M / 25M / latest CSV.
 
 
-def test_csv_columns_and_values(csv_dir):
-  ds = data.load(ml_collections.ConfigDict({"source": "ml-25m", "dir": str(csv_dir)}))
+CSV_SOURCES = ("ml-20m", "ml-25m", "ml-latest")
+
+
+@pytest.mark.parametrize("source", CSV_SOURCES)
+def test_csv_columns_and_values(tmp_path, source):
+  csv_dir = tmp_path / source
+  csv_dir.mkdir()
+  write_lines(csv_dir / "movies.csv", CSV_MOVIES)
+  write_lines(csv_dir / "ratings.csv", CSV_RATINGS)
+  # The parent folder works too: each source looks in its own <dir>/<source>/ subfolder.
+  ds = data.load(ml_collections.ConfigDict({"source": source, "dir": str(tmp_path)}))
   r, m = ds.ratings, ds.movies
-  assert ds.source == "ml-25m" and ds.users is None
+  assert ds.source == source and ds.users is None
   assert ds.genre_names == data.ML100K_GENRE_NAMES + ("IMAX",)
   assert list(r) == ["user_id", "movie_id", "user_rating", "timestamp", "movie_title",
                      "movie_genres"]
@@ -239,6 +248,10 @@ def test_csv_columns_and_values(csv_dir):
   assert m["movie_genres"][4].tolist() == genre_row([G["Documentary"], 19], width)  # IMAX
   np.testing.assert_array_equal(r["movie_genres"][3], m["movie_genres"][3])
   np.testing.assert_array_equal(m["movie_release_year"], [1995, 1995, 2007, -1, 2006])
+  (csv_dir / "ratings.csv").unlink()  # a missing file names this source's download
+  with pytest.raises(DataError) as e:
+    data.load(ml_collections.ConfigDict({"source": source, "dir": str(csv_dir)}))
+  assert f"https://files.grouplens.org/datasets/movielens/{source}.zip" in str(e.value)
 
 
 @pytest.mark.parametrize("bad, lineno, words", [

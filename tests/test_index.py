@@ -150,14 +150,48 @@ def test_k_larger_than_n():
   assert_same(got, reference(q, c, 10))
 
 
-def test_random_floats_default_sizes():
+def _no_dense(*args, **kwargs):
+  raise AssertionError("the dense shortcut ran where block selection was expected")
+
+
+def test_random_floats_default_sizes(monkeypatch):
+  """Block selection with the default block/tile/chunk sizes (N above the dense cut-off)."""
+  n = index.DENSE_MAX_N + 1808
+  monkeypatch.setattr(index, "_dense_top_k", _no_dense)
   rng = np.random.default_rng(7)
   q = rng.standard_normal((9, 16)).astype(np.float32)
-  c = rng.standard_normal((5000, 16)).astype(np.float32)
+  c = rng.standard_normal((n, 16)).astype(np.float32)
   v, i = exact_top_k(q, c, 25)
   rv, ri = reference(q, c, 25)
   np.testing.assert_array_equal(np.asarray(i), ri)
   np.testing.assert_allclose(np.asarray(v), rv, rtol=1e-5, atol=1e-5)
+
+
+def test_dense_shortcut_and_block_path_agree_on_ties(monkeypatch):
+  """N <= DENSE_MAX_N takes the dense shortcut; forcing the block path changes nothing."""
+  q, c = int_data(6, 3000, 4, seed=11)  # small integers: exact scores, many ties
+  rng = np.random.default_rng(12)
+  ex = np.where(rng.random((6, 40)) < 0.8, rng.integers(0, 3000, (6, 40)), -1)
+  allow = rng.random(3000) < 0.9
+  calls = []
+  dense = index._dense_top_k  # pylint: disable=protected-access
+  monkeypatch.setattr(index, "_dense_top_k", lambda *a, **kw: calls.append(1) or dense(*a, **kw))
+  for kwargs in ({}, {"exclude": ex, "allow_N": allow}):
+    want = reference(q, c, 60, exclude=kwargs.get("exclude"), allow=kwargs.get("allow_N"))
+    got_dense = exact_top_k(q, c, 60, **kwargs)
+    assert calls, "N <= DENSE_MAX_N should take the dense shortcut"
+    with monkeypatch.context() as m:
+      m.setattr(index, "DENSE_MAX_N", 0)
+      m.setattr(index, "_dense_top_k", _no_dense)
+      got_block = exact_top_k(q, c, 60, **kwargs)
+    calls.clear()
+    for got in (got_dense, got_block):
+      assert_same(got, want)
+    np.testing.assert_array_equal(np.asarray(got_dense[1]), np.asarray(got_block[1]))
+    np.testing.assert_array_equal(np.asarray(got_dense[0]), np.asarray(got_block[0]))
+  # Ties really occur at the cut (so both paths must break them by index alike).
+  s = q @ c.T
+  assert all(np.sum(row == np.sort(row)[-60]) > 1 for row in s)
 
 
 def test_bfloat16_candidates_reference_on_rounded_values():

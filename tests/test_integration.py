@@ -24,13 +24,16 @@ def _config(name, real_data_dir, arg=None, **overrides):
   return cfg
 
 
-def test_seed_config_one_epoch_on_the_real_files(real_data_dir, tmp_path):
-  cfg = _config("seed", real_data_dir, **{"train.num_epochs": 1})
+def test_seed_config_on_the_real_files(real_data_dir, tmp_path):
+  cfg = _config("seed", real_data_dir)  # the notebook's full training: 5 epochs
   m = train.train_and_evaluate(cfg, str(tmp_path))
   assert m["num_train"] == 80_000 and m["num_test"] == 10_000 and m["num_candidates"] == 1682
   # The popularity baseline on the notebook's split: about 0.30 at k=100.
   assert 0.27 < m["popularity/top_100_accuracy"] < 0.33
-  assert 0.0 < m["top_100_accuracy"] <= 1.0
+  # The seed model reaches 0.083 +- 0.006 (BENCHMARKS.md; seeds 0-3 and 42 gave 0.070-0.089,
+  # seed 42 0.087); ranking at random gives ~100/1682 = 0.06 (one epoch stays there).
+  assert m["top_100_accuracy"] > max(0.065, m["random/top_100_accuracy"])
+  assert m["top_100_accuracy"] < 0.15
   on_disk = json.loads((tmp_path / "metrics.json").read_text())
   assert on_disk["split"] == "seed" and on_disk["config"] == "seed"
   rec = serving.load(tmp_path / "serving")

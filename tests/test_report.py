@@ -1,6 +1,7 @@
 """The multi-run report: grouping, mean ± std over seeds, PNG and markdown."""
 
 import json
+import re
 
 import pytest
 
@@ -62,7 +63,12 @@ def test_write_report_rejects_bad_runs(tmp_path):
     report.write_report([str(tmp_path / "missing")], str(tmp_path / "out"))
   (tmp_path / "c").mkdir()
   (tmp_path / "c" / "metrics.json").write_text(json.dumps({"config": "x", "split": "random"}))
-  with pytest.raises(ValueError, match="seed"):
+  where = tmp_path / "c" / "metrics.json"
+  with pytest.raises(ValueError, match=re.escape(f"{where} lacks ['seed']")):
     report.write_report([str(tmp_path / "c")], str(tmp_path / "out"))
+  (tmp_path / "d").mkdir()
+  (tmp_path / "d" / "metrics.json").write_text(json.dumps({"seed": 0}))
+  with pytest.raises(ValueError, match=r"lacks \['config', 'split'\]"):
+    report.write_report([str(tmp_path / "d")], str(tmp_path / "out"))
   with pytest.raises(ValueError, match="no workdirs"):
     report.write_report([], str(tmp_path / "out"))

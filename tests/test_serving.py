@@ -78,13 +78,17 @@ def test_missing_file_is_named(trained, tmp_path):
     index.load(broken)
 
 
-def test_corrupt_file_is_reported(trained, tmp_path):
+@pytest.mark.parametrize("name", ["query_params.npz", "candidates.npz", "users.npz"])
+def test_corrupt_file_is_reported(trained, tmp_path, name):
   workdir, _ = trained
   broken = tmp_path / "corrupt"
   shutil.copytree(workdir / "serving", broken)
-  (broken / "query_params.npz").write_bytes(b"not a zip file")
-  with pytest.raises(serving.ServingError, match="corrupt"):
+  (broken / name).write_bytes(b"not a zip file")
+  with pytest.raises(serving.ServingError) as e:
     index.load(broken)
+  msg = str(e.value)
+  assert f"Serving directory {broken} is corrupt: {name} is unreadable" in msg, msg
+  assert "retrain into a fresh workdir" in msg
 
 
 def test_wrong_format_version_is_reported(trained, tmp_path):

@@ -15,7 +15,7 @@ batches per method, methods interleaved; figures are medians over repeats. It
 prints the device and jax version, queries/s, XLA's temp-buffer size per method
 (`compiled.memory_analysis()`), the process peak RSS (and the device's peak bytes
 on accelerators), and how far the methods' result ids agree; --out=PATH writes all
-of it as JSON. Numbers: BENCHMARKS_index.md.
+of it as JSON. Numbers: BENCHMARKS.md ("Exact top-k index").
 """
 
 from __future__ import annotations

@@ -29,10 +29,15 @@ def set_path(config: ml_collections.ConfigDict, dotted_key: str, value) -> None:
   """``set_path(c, "train.batch_size", 512)``; strings are cast to the field's type."""
   *path, last = dotted_key.split(".")
   node = config
-  for part in path:
-    node = node[part]
-  if last not in node:
-    raise ValueError(f"Unknown config key {dotted_key!r}.{suggest(last, node.keys())}")
+  for i, part in enumerate([*path, last]):
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ValueError(f"Unknown config key {dotted_key!r}: "
+                       f"{'.'.join(path[:i])!r} is a value, not a section.")
+    if part not in node:
+      raise ValueError(f"Unknown config key {dotted_key!r} (no {part!r} here)."
+                       f"{suggest(part, node.keys())} Valid keys here: {sorted(node.keys())}.")
+    if part != last:
+      node = node[part]
   if isinstance(value, str) and not isinstance(node[last], str):
     value = (value.lower() in ("1", "true", "yes")) if isinstance(node[last], bool) else type(
         node[last])(value)
@@ -69,7 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.process_id = -1
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "grouplens"  # grouplens | tfds | ml-1m | ml-20m | ml-25m | synthetic
+  c.data.source = "grouplens"  # grouplens | tfds | ml-1m | ml-20m | ml-25m | ml-latest | synthetic
   c.data.dir = ""  # empty: $TWOTOWER_DATA_DIR, then the user cache (downloading if online)
   c.data.download = True
   c.data.tfds_data_dir = ""  # source=tfds: TFDS data_dir (empty: TFDS's default)

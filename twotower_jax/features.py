@@ -92,7 +92,9 @@ def discretize(enc: dict[str, Any], x: np.ndarray) -> np.ndarray:
       np.int32)
 
 
-_TOKEN_RE = re.compile(r"[a-z0-9']+")
+# Runs of letters, digits and apostrophes, any script ("Amélie" is one word), as Keras's
+# TextVectorization keeps accented letters when it strips punctuation.
+_TOKEN_RE = re.compile(r"(?:[^\W_]|')+")
 
 
 def tokenize_titles(titles: np.ndarray, max_words: int) -> np.ndarray:

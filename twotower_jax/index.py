@@ -36,7 +36,7 @@ gathered rows (split over query tiles to stay under ~32 MiB on CPU). N is never
 padded: the last partial tile is the only candidate copy (f32). On CPU,
 bfloat16 candidates are copied once as uint16 bits (see `_f32`).
 
-Measured figures: BENCHMARKS_index.md.
+Measured figures: BENCHMARKS.md ("Exact top-k index").
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ ExcludeArg = Any  # [B, E] int array with -1 padding, or (indptr_B1, indices) CS
 # Sizes per backend: block (candidates per block max), tile (candidates scored
 # at once: at most B x tile scores exist at any time) and chunk (candidates per
 # merge into the running top-k1 blocks; a B x chunk/block buffer of block
-# maxima). Measured on 2 CPU cores, see BENCHMARKS_index.md.
+# maxima). Measured on 2 CPU cores, see BENCHMARKS.md ("Exact top-k index").
 _SIZES = {
   # XLA:CPU fuses each tile's dot and block max into one YNNPACK kernel, so the
   # B x tile scores never reach memory; tiles of 2,048 and 4,096 ran alike,
@@ -143,7 +143,8 @@ def dedupe_ids(ids_N: Any, *arrays: Any, keep: str = "first") -> tuple[np.ndarra
   """
   ids = np.asarray(ids_N)
   if ids.ndim != 1:
-    raise ValueError(f"ids must be 1-D, got shape {ids.shape}.")
+    raise ValueError(f"ids must be 1-D (one id per candidate), got shape {ids.shape}; "
+                     "flatten them, e.g. ids.reshape(-1).")
   if keep not in ("first", "last"):
     raise ValueError(f"keep must be 'first' or 'last', got {keep!r}.")
   for i, a in enumerate(arrays):
@@ -403,9 +404,11 @@ def exact_top_k(
       "from towers with the same output size."
     )
   if not jnp.issubdtype(c_NxD.dtype, jnp.floating):
-    raise TypeError(f"candidates must be float32 or bfloat16, got {c_NxD.dtype}.")
+    raise TypeError(f"candidates must be float32 or bfloat16, got {c_NxD.dtype}; cast them, "
+                    "e.g. c_NxD.astype(jnp.float32).")
   if not jnp.issubdtype(q_BxD.dtype, jnp.floating):
-    raise TypeError(f"queries must be floating point, got {q_BxD.dtype}.")
+    raise TypeError(f"queries must be floating point, got {q_BxD.dtype}; cast them, e.g. "
+                    "q_BxD.astype(jnp.float32).")
   sizes = default_sizes()
   block = int(block_size or sizes["block"])
   if block < 1:

@@ -59,7 +59,8 @@ def _load_run_config(workdir: pathlib.Path):
 def run(argv) -> None:
   """Dispatches on --mode."""
   if len(argv) > 1:
-    raise UsageError(f"Unexpected arguments: {argv[1:]}.")
+    raise UsageError(f"Unexpected arguments: {argv[1:]}. Options take the form --flag=value "
+                     "(e.g. --config.train.num_epochs=3); positional arguments are not accepted.")
   from twotower_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   mode = _MODE.value
   if mode == "report":

@@ -220,7 +220,8 @@ def true_ranks_from_scores(scores_BxN, true_B, exclude_BxE=None) -> np.ndarray:
   b, n = scores_BxN.shape
   true_B = _check_indices("true_B", true_B, n, "N")
   if true_B.shape[0] != b:
-    raise ValueError(f"true_B has {true_B.shape[0]} entries for B={b} score rows.")
+    raise ValueError(f"true_B has {true_B.shape[0]} entries for B={b} score rows; pass one "
+                     "true index per score row.")
   exclude_BxE = _check_exclude(exclude_BxE, b, n)
   if np.isnan(scores_BxN).any():
     raise ValueError("scores_BxN contains NaN, so ranks would be meaningless; fix the score "
@@ -389,7 +390,8 @@ def gather_csr(indptr, items, rows_B, width: int) -> np.ndarray:
   start_B = indptr[rows_B]
   len_B = indptr[rows_B + 1] - start_B
   if len_B.size and len_B.max() > width:
-    raise ValueError(f"A row has {len_B.max()} entries but width={width}.")
+    raise ValueError(f"A row has {len_B.max()} entries but width={width}; pass "
+                     f"width >= {len_B.max()}.")
   j_W = np.arange(width)
   ok_BxW = j_W[None, :] < len_B[:, None]
   pos_BxW = np.where(ok_BxW, start_B[:, None] + j_W[None, :], 0)

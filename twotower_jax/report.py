@@ -103,7 +103,8 @@ def write_report(workdirs: Sequence[str], out_dir: str, *,
         per_source.setdefault(source, []).append(vals)
     if "model" not in per_source:
       raise ValueError(f"The runs of config={key[0]} split={key[1]} hold no model metrics "
-                       "(<protocol>/<metric> keys); are these training workdirs?")
+                       "(<protocol>/<metric> keys). Pass the workdirs of finished training "
+                       "runs (each with a metrics.json written by evaluation).")
     agg[key] = {s: (metrics_lib.aggregate_seeds(v), len(v)) for s, v in per_source.items()}
     for vals in per_source.values():
       all_keys.update(vals[0])

@@ -212,24 +212,26 @@ def load(path: str | pathlib.Path) -> Recommender:
   if missing:
     raise ServingError(f"Serving directory {path} is incomplete: missing {missing}. It was not "
                        "written by a finished training run; retrain into a fresh workdir.")
+  reading = "serving.json"
   try:
     meta = json.loads((path / "serving.json").read_text())
     if meta.get("format_version") != FORMAT_VERSION:
       raise ServingError(f"{path}/serving.json has format_version "
                          f"{meta.get('format_version')!r}; this version reads {FORMAT_VERSION}. "
                          "Retrain with this version.")
+    reading = "encoders.json / encoders.npz"
     encoders = feat.load_encoders(path)
-    with np.load(path / "query_params.npz", allow_pickle=False) as f:
-      params = flax.traverse_util.unflatten_dict({k: f[k] for k in f.files}, sep="/")
-    with np.load(path / "candidates.npz", allow_pickle=False) as f:
-      cands = {k: f[k] for k in f.files}
-    with np.load(path / "users.npz", allow_pickle=False) as f:
-      users = {k: f[k] for k in f.files}
+    arrays = {}
+    for reading in ("query_params.npz", "candidates.npz", "users.npz"):
+      with np.load(path / reading, allow_pickle=False) as f:
+        arrays[reading] = {k: f[k] for k in f.files}
+    params = flax.traverse_util.unflatten_dict(arrays["query_params.npz"], sep="/")
+    cands, users = arrays["candidates.npz"], arrays["users.npz"]
   except ServingError:
     raise
   except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
-    raise ServingError(f"Serving directory {path} is corrupt ({type(e).__name__}: {e}); "
-                       "retrain into a fresh workdir.") from e
+    raise ServingError(f"Serving directory {path} is corrupt: {reading} is unreadable "
+                       f"({type(e).__name__}: {e}); retrain into a fresh workdir.") from e
   from twotower_jax import index as index_lib  # pylint: disable=g-import-not-at-top
   index = index_lib.BruteForceIndex(embeddings_NxD=cands["embeddings"], ids_N=cands["movie_id"],
                                     titles_N=cands["movie_title"])
