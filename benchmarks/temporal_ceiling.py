@@ -31,15 +31,17 @@ def hit_rate(scores_M: np.ndarray, test_movies: np.ndarray, k: int = 100) -> flo
 
 
 def model_scores(workdir: str, test: dict, m: int) -> np.ndarray:
-  """Scores [Q, m] of a trained run's serving directory, columns indexed by movie id."""
+  """Scores [Q, m] of a trained run's serving directory, columns indexed by movie id (NaN
+  for ids outside the catalogue)."""
   rec = serving.load(pathlib.Path(workdir) / "serving")
   s_QxN = rec.embed(test) @ np.asarray(rec.index.embeddings_NxD, np.float32).T
-  out_QxM = np.full((s_QxN.shape[0], m), -np.inf, np.float32)
+  out_QxM = np.full((s_QxN.shape[0], m), np.nan, np.float32)
   out_QxM[:, np.asarray(rec.index.ids_N)] = s_QxN
   return out_QxM
 
 
 def hit_rate_per_query(s_QxM: np.ndarray, test_movies: np.ndarray, k: int = 100) -> float:
+  """Share of rows whose test movie is among the row's k best scores (NaN sorts last)."""
   top_QxK = np.argpartition(-s_QxM, k, axis=1)[:, :k]
   return float((top_QxK == test_movies[:, None]).any(1).mean())
 
@@ -89,9 +91,7 @@ def main(workdirs: list[str]):
   for workdir in workdirs:
     s_QxM = model_scores(workdir, test, m)
     print(f"| model {workdir} | {hit_rate_per_query(s_QxM, test['movie_id']):.4f} |")
-    s_QxM = np.nan_to_num(s_QxM, neginf=np.nan)
     z_QxM = (s_QxM - np.nanmean(s_QxM, 1, keepdims=True)) / np.nanstd(s_QxM, 1, keepdims=True)
-    z_QxM = np.nan_to_num(z_QxM, nan=-np.inf)
     total_QxM = z_QxM if total_QxM is None else total_QxM + z_QxM
   if len(workdirs) > 1:
     print(f"| ensemble of the {len(workdirs)} models | "

@@ -71,7 +71,12 @@ def ml1m_dir(tmp_path) -> pathlib.Path:
 
 @pytest.fixture
 def csv_dir(tmp_path) -> pathlib.Path:
-  d = tmp_path / "ml-25m"
+  return write_csv_source(tmp_path, "ml-25m")
+
+
+def write_csv_source(root: pathlib.Path, source: str) -> pathlib.Path:
+  """The small movies.csv and ratings.csv in ``root/source``."""
+  d = root / source
   d.mkdir()
   write_lines(d / "movies.csv", CSV_MOVIES)
   write_lines(d / "ratings.csv", CSV_RATINGS)
@@ -218,10 +223,7 @@ CSV_SOURCES = ("ml-20m", "ml-25m", "ml-latest")
 
 @pytest.mark.parametrize("source", CSV_SOURCES)
 def test_csv_columns_and_values(tmp_path, source):
-  csv_dir = tmp_path / source
-  csv_dir.mkdir()
-  write_lines(csv_dir / "movies.csv", CSV_MOVIES)
-  write_lines(csv_dir / "ratings.csv", CSV_RATINGS)
+  csv_dir = write_csv_source(tmp_path, source)
   # The parent folder works too: each source looks in its own <dir>/<source>/ subfolder.
   ds = data.load(ml_collections.ConfigDict({"source": source, "dir": str(tmp_path)}))
   r, m = ds.ratings, ds.movies

@@ -36,7 +36,7 @@ def set_path(config: ml_collections.ConfigDict, dotted_key: str, value) -> None:
     if part not in node:
       raise ValueError(f"Unknown config key {dotted_key!r} (no {part!r} here)."
                        f"{suggest(part, node.keys())} Valid keys here: {sorted(node.keys())}.")
-    if part != last:
+    if i < len(path):
       node = node[part]
   if isinstance(value, str) and not isinstance(node[last], str):
     value = (value.lower() in ("1", "true", "yes")) if isinstance(node[last], bool) else type(
