@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ./run.sh            create/use .venv, install, train configs/default.py, evaluate, recommend
-# ./run.sh test       install the dev extras and run the test suite
+# ./run.sh test       install the dev extras, lint (ruff), run the test suite
 # ./run.sh [train] FLAGS extra flags for python -m twotower_jax.main (e.g. --config.seed=1)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -28,6 +28,7 @@ esac
 case "$cmd" in
   test)
     install "dev,tfds,faiss"
+    python -m ruff check twotower_jax tests benchmarks configs
     exec python -m pytest -q "$@"
     ;;
   train)

@@ -18,8 +18,8 @@ import sys
 import numpy as np
 
 from twotower_jax import config as config_lib
-from twotower_jax import data as data_lib
 from twotower_jax import serving
+from twotower_jax.data import sources
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DAY = 86400.0
@@ -48,8 +48,8 @@ def hit_rate_per_query(s_QxM: np.ndarray, test_movies: np.ndarray, k: int = 100)
 
 def main(workdirs: list[str]):
   cfg = config_lib.load_config_file(REPO / "configs" / "demographic.py", "temporal")
-  ds = data_lib.load(cfg.data)
-  train, test = data_lib.train_test(cfg.data, ds, cfg.seed)
+  ds = sources.load_dataset(cfg.data)
+  train, test = sources.train_test(cfg.data, ds, cfg.seed)
   t, movie = train["timestamp"].astype(np.float64), train["movie_id"]
   t_max, m = t.max(), int(max(movie.max(), test["movie_id"].max())) + 1
   new_rows = ~np.isin(test["user_id"], train["user_id"])

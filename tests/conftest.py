@@ -29,6 +29,16 @@ NON_ASCII_TITLE = "Café Crème à Noël (1994)"  # exercises the latin-1 decodi
 FIRST_TIMESTAMP = 874_724_710  # 1997-09-20, like the start of MovieLens 100K
 
 
+def load_benchmark(name: str = "bench"):
+  """A benchmark driver from benchmarks/ (they live outside the package) as a module."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  bench_dir = str(REPO / "benchmarks")
+  if bench_dir not in sys.path:
+    sys.path.insert(0, bench_dir)
+  return importlib.import_module(name)
+
+
 def write_synthetic_ml100k(path, num_users: int = 60, num_movies: int = 40,
                            num_ratings: int = 1500, seed: int = 0) -> pathlib.Path:
   """Writes a deterministic synthetic ML-100K folder (u.data, u.item, u.user, u.genre, u.occupation).

@@ -17,7 +17,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from twotower_jax import data
+from twotower_jax import config as config_lib
+from twotower_jax.data import dataset, download, movielens, sources, splits
 
 # ----------------------------------------------------------------------------
 # A tiny hand-written folder: 3 genres, 3 users, 3 movies, 3 ratings.
@@ -40,7 +41,7 @@ def write_tiny(path: pathlib.Path, **replace: str) -> pathlib.Path:
 
 
 def test_tiny_folder_parses_to_hand_computed_columns(tmp_path):
-  ds = data.load_movielens_100k(write_tiny(tmp_path))
+  ds = movielens.load_movielens_100k(write_tiny(tmp_path))
   r = ds.ratings
   assert ds.source == "grouplens-100k"
   assert ds.genre_names == ("unknown", "Action", "Drama")
@@ -66,7 +67,7 @@ def test_tiny_folder_parses_to_hand_computed_columns(tmp_path):
 
 
 def test_tiny_folder_dtypes_follow_the_contract(tmp_path):
-  ds = data.load_movielens_100k(write_tiny(tmp_path))
+  ds = movielens.load_movielens_100k(write_tiny(tmp_path))
   expected = {
       "user_id": np.int64, "movie_id": np.int64, "user_rating": np.float32,
       "timestamp": np.int64, "raw_user_age": np.float32, "bucketized_user_age": np.float32,
@@ -85,7 +86,7 @@ def test_tiny_folder_dtypes_follow_the_contract(tmp_path):
 def test_crlf_and_missing_final_newline_are_accepted(tmp_path):
   crlf = {k: v.replace("\n", "\r\n") for k, v in TINY.items()}
   crlf["u.data"] = crlf["u.data"].rstrip("\r\n")
-  ds = data.load_movielens_100k(write_tiny(tmp_path, **crlf))
+  ds = movielens.load_movielens_100k(write_tiny(tmp_path, **crlf))
   np.testing.assert_array_equal(ds.ratings["timestamp"], [100, 50, 75])
   np.testing.assert_array_equal(ds.movies["movie_title"][1], "Bété (1996)")
 
@@ -95,14 +96,14 @@ def test_u_genre_is_optional(tmp_path):
   (tmp_path / "u.genre").unlink()
   item = "".join(f"{i}|M{i}|||u|" + "|".join(["1"] + ["0"] * 18) + "\n" for i in (1, 2, 3))
   (tmp_path / "u.item").write_text(item)
-  ds = data.load_movielens_100k(tmp_path)
-  assert ds.genre_names == data.ML100K_GENRE_NAMES
+  ds = movielens.load_movielens_100k(tmp_path)
+  assert ds.genre_names == dataset.ML100K_GENRE_NAMES
   np.testing.assert_array_equal(ds.movies["movie_genres"], [[0], [0], [0]])
 
 
 def test_genre_ids_from_flags():
   flags = np.array([[0, 1, 0, 1], [0, 0, 0, 0], [1, 1, 1, 0]])
-  np.testing.assert_array_equal(data.genre_ids_from_flags(flags),
+  np.testing.assert_array_equal(movielens.genre_ids_from_flags(flags),
                                 [[1, 3, -1], [-1, -1, -1], [0, 1, 2]])
 
 
@@ -148,8 +149,8 @@ def test_malformed_line_names_file_line_and_fix(tmp_path, name, lineno, text, fr
   lines = TINY[name].rstrip("\n").split("\n")
   lines[lineno - 1] = text
   write_tiny(tmp_path, **{name: "\n".join(lines) + "\n"})
-  with pytest.raises(data.DataError) as e:
-    data.load_movielens_100k(tmp_path)
+  with pytest.raises(dataset.DataError) as e:
+    movielens.load_movielens_100k(tmp_path)
   msg = str(e.value)
   assert f"{tmp_path / name}:{lineno}: " in msg
   assert fragment in msg
@@ -159,8 +160,8 @@ def test_malformed_line_names_file_line_and_fix(tmp_path, name, lineno, text, fr
 def test_non_latin1_bytes_in_u_data_are_reported_not_crashing(tmp_path):
   write_tiny(tmp_path)
   (tmp_path / "u.data").write_bytes(b"2\t1\t5\t100\n1\t\xff3\t1\t50\n")
-  with pytest.raises(data.DataError, match=r"u\.data:2: field 2 \(movie id\) is 'ÿ3'"):
-    data.load_movielens_100k(tmp_path)
+  with pytest.raises(dataset.DataError, match=r"u\.data:2: field 2 \(movie id\) is 'ÿ3'"):
+    movielens.load_movielens_100k(tmp_path)
 
 
 INT_FIELDS = {"u.data": (0, 1, 2, 3), "u.user": (0, 1), "u.item": (0,), "u.genre": (1,)}
@@ -179,22 +180,22 @@ def test_every_integer_field_rejects_near_miss_integers(tmp_path):
         lines[1] = sep.join(fields)
         folder = write_tiny(tmp_path / f"{name}-{k}-{NEAR_MISS_INTS.index(value)}",
                             **{name: "\n".join(lines) + "\n"})
-        with pytest.raises(data.DataError, match=re.escape(f"{folder / name}:2: field {k + 1} ")):
-          data.load_movielens_100k(folder)
+        with pytest.raises(dataset.DataError, match=re.escape(f"{folder / name}:2: field {k + 1} ")):
+          movielens.load_movielens_100k(folder)
 
 
 @pytest.mark.parametrize("name", ["u.data", "u.item", "u.user"])
 def test_missing_file_is_named(tmp_path, name):
   write_tiny(tmp_path)
   (tmp_path / name).unlink()
-  with pytest.raises(data.DataError, match=re.escape(str(tmp_path / name)) + " does not exist"):
-    data.load_movielens_100k(tmp_path)
+  with pytest.raises(dataset.DataError, match=re.escape(str(tmp_path / name)) + " does not exist"):
+    movielens.load_movielens_100k(tmp_path)
 
 
 def test_empty_file_is_named(tmp_path):
   write_tiny(tmp_path, **{"u.data": "\n\n"})
-  with pytest.raises(data.DataError, match=r"u\.data is empty"):
-    data.load_movielens_100k(tmp_path)
+  with pytest.raises(dataset.DataError, match=r"u\.data is empty"):
+    movielens.load_movielens_100k(tmp_path)
 
 
 # ----------------------------------------------------------------------------
@@ -203,7 +204,7 @@ def test_empty_file_is_named(tmp_path):
 
 @pytest.fixture(scope="module")
 def synthetic(ml100k_dir):
-  return data.load_movielens_100k(ml100k_dir)
+  return movielens.load_movielens_100k(ml100k_dir)
 
 
 def test_synthetic_fixture_loads(synthetic):
@@ -224,7 +225,7 @@ def test_synthetic_fixture_loads(synthetic):
 
 def test_load_ratings_file_joins_and_rejects_unknown_ids(tmp_path, synthetic):
   (tmp_path / "u1.test").write_text("7\t4\t2\t999\n1\t40\t5\t1000\n")
-  got = data.load_ratings_file(tmp_path / "u1.test", synthetic)
+  got = movielens.load_ratings_file(tmp_path / "u1.test", synthetic)
   np.testing.assert_array_equal(got["user_id"], [7, 1])
   np.testing.assert_array_equal(got["movie_id"], [4, 40])
   np.testing.assert_array_equal(got["user_rating"], [2.0, 5.0])
@@ -232,24 +233,24 @@ def test_load_ratings_file_joins_and_rejects_unknown_ids(tmp_path, synthetic):
   np.testing.assert_array_equal(got["raw_user_age"], synthetic.users["raw_user_age"][[6, 0]])
   assert set(got) == set(synthetic.ratings)
   (tmp_path / "u2.test").write_text("7\t4\t2\t999\n61\t4\t5\t1000\n")
-  with pytest.raises(data.DataError, match=r"u2\.test:2: user id 61 is not in"):
-    data.load_ratings_file(tmp_path / "u2.test", synthetic)
+  with pytest.raises(dataset.DataError, match=r"u2\.test:2: user id 61 is not in"):
+    movielens.load_ratings_file(tmp_path / "u2.test", synthetic)
   (tmp_path / "u3.test").write_text("7\t41\t2\t999\n")
-  with pytest.raises(data.DataError, match=r"u3\.test:1: movie id 41 is not in"):
-    data.load_ratings_file(tmp_path / "u3.test", synthetic)
+  with pytest.raises(dataset.DataError, match=r"u3\.test:1: movie id 41 is not in"):
+    movielens.load_ratings_file(tmp_path / "u3.test", synthetic)
 
 
 # ----------------------------------------------------------------------------
 # Splits.
 
 
-@pytest.mark.parametrize("kind", data.SPLIT_KINDS)
+@pytest.mark.parametrize("kind", splits.SPLIT_KINDS)
 def test_split_is_disjoint_deterministic_and_seeded(synthetic, kind):
   kw = {"train_size": 1000, "test_size": 300, "test_fraction": 0.2}
-  train, test = data.split_indices(synthetic.ratings, kind, seed=3, **kw)
+  train, test = splits.split_indices(synthetic.ratings, kind, seed=3, **kw)
   assert np.intersect1d(train, test).size == 0
   assert np.all(np.diff(train) > 0) and np.all(np.diff(test) > 0)
-  again = data.split_indices(synthetic.ratings, kind, seed=3, **kw)
+  again = splits.split_indices(synthetic.ratings, kind, seed=3, **kw)
   np.testing.assert_array_equal(train, again[0])
   np.testing.assert_array_equal(test, again[1])
   if kind == "seed":
@@ -257,7 +258,7 @@ def test_split_is_disjoint_deterministic_and_seeded(synthetic, kind):
   else:
     assert train.size + test.size == 1500
   if kind in ("seed", "random"):
-    other = data.split_indices(synthetic.ratings, kind, seed=4, **kw)
+    other = splits.split_indices(synthetic.ratings, kind, seed=4, **kw)
     assert not np.array_equal(test, other[1])
   if kind == "random" or kind == "temporal":
     assert test.size == 300
@@ -266,23 +267,23 @@ def test_split_is_disjoint_deterministic_and_seeded(synthetic, kind):
 def test_seed_split_is_a_seeded_permutation_prefix():
   ratings = {"user_id": np.arange(10)}
   perm = np.random.default_rng(5).permutation(10)
-  train, test = data.split_indices(ratings, "seed", seed=5, train_size=6, test_size=3)
+  train, test = splits.split_indices(ratings, "seed", seed=5, train_size=6, test_size=3)
   np.testing.assert_array_equal(train, np.sort(perm[:6]))
   np.testing.assert_array_equal(test, np.sort(perm[6:9]))
 
 
 def test_temporal_split_takes_latest_and_breaks_ties_by_position():
   ratings = {"user_id": np.zeros(6, np.int64), "timestamp": np.array([5, 9, 9, 1, 9, 3])}
-  train, test = data.split_indices(ratings, "temporal", seed=0, test_fraction=0.5)
+  train, test = splits.split_indices(ratings, "temporal", seed=0, test_fraction=0.5)
   # Sorted stably: 3(1) 5(3) 0(5) 1(9) 2(9) 4(9) -> latest three are 1, 2, 4.
   np.testing.assert_array_equal(test, [1, 2, 4])
   np.testing.assert_array_equal(train, [0, 3, 5])
-  train, test = data.split_indices(ratings, "temporal", seed=0, test_fraction=1 / 3)
+  train, test = splits.split_indices(ratings, "temporal", seed=0, test_fraction=1 / 3)
   np.testing.assert_array_equal(test, [2, 4])  # of the ties at 9, the later positions
 
 
 def test_temporal_split_on_synthetic_orders_by_time(synthetic):
-  train, test = data.split_indices(synthetic.ratings, "temporal", seed=0, test_fraction=0.25)
+  train, test = splits.split_indices(synthetic.ratings, "temporal", seed=0, test_fraction=0.25)
   ts = synthetic.ratings["timestamp"]
   assert ts[train].max() <= ts[test].min()
 
@@ -292,7 +293,7 @@ def test_leave_last_out_hand_computed():
       "user_id": np.array([1, 2, 1, 1, 3, 2, 1]),
       "timestamp": np.array([10, 5, 30, 30, 7, 1, 20]),
   }
-  train, test = data.split_indices(ratings, "leave_last_out", seed=0)
+  train, test = splits.split_indices(ratings, "leave_last_out", seed=0)
   # User 1: latest ts 30 at rows 2 and 3 -> the later row 3. User 2: row 1 (ts 5).
   # User 3 has one rating and stays in train.
   np.testing.assert_array_equal(test, [1, 3])
@@ -301,7 +302,7 @@ def test_leave_last_out_hand_computed():
 
 def test_leave_last_out_on_synthetic(synthetic):
   r = synthetic.ratings
-  train, test = data.split_indices(r, "leave_last_out", seed=0)
+  train, test = splits.split_indices(r, "leave_last_out", seed=0)
   assert test.size == 60 and np.unique(r["user_id"][test]).size == 60
   for i in test[:10]:
     same_user = train[r["user_id"][train] == r["user_id"][i]]
@@ -310,18 +311,18 @@ def test_leave_last_out_on_synthetic(synthetic):
 
 def test_split_errors():
   ratings = {"user_id": np.arange(10), "timestamp": np.arange(10)}
-  with pytest.raises(data.DataError, match="seed, random, temporal, leave_last_out"):
-    data.split_indices(ratings, "by_genre", seed=0)
-  with pytest.raises(data.DataError, match="train_size=8, test_size=3 .* the data has 10"):
-    data.split_indices(ratings, "seed", seed=0, train_size=8, test_size=3)
-  with pytest.raises(data.DataError, match="test_fraction=1.5"):
-    data.split_indices(ratings, "random", seed=0, test_fraction=1.5)
-  with pytest.raises(data.DataError, match="leaves 0 test"):
-    data.split_indices(ratings, "temporal", seed=0, test_fraction=0.01)
-  with pytest.raises(data.DataError, match="needs a 'timestamp' column"):
-    data.split_indices({"user_id": np.arange(10)}, "temporal", seed=0)
-  with pytest.raises(data.DataError, match="no user has two or more ratings"):
-    data.split_indices(ratings, "leave_last_out", seed=0)
+  with pytest.raises(dataset.DataError, match="seed, random, temporal, leave_last_out"):
+    splits.split_indices(ratings, "by_genre", seed=0)
+  with pytest.raises(dataset.DataError, match="train_size=8, test_size=3 .* the data has 10"):
+    splits.split_indices(ratings, "seed", seed=0, train_size=8, test_size=3)
+  with pytest.raises(dataset.DataError, match="test_fraction=1.5"):
+    splits.split_indices(ratings, "random", seed=0, test_fraction=1.5)
+  with pytest.raises(dataset.DataError, match="leaves 0 test"):
+    splits.split_indices(ratings, "temporal", seed=0, test_fraction=0.01)
+  with pytest.raises(dataset.DataError, match="needs a 'timestamp' column"):
+    splits.split_indices({"user_id": np.arange(10)}, "temporal", seed=0)
+  with pytest.raises(dataset.DataError, match="no user has two or more ratings"):
+    splits.split_indices(ratings, "leave_last_out", seed=0)
 
 
 # ----------------------------------------------------------------------------
@@ -331,12 +332,12 @@ def test_split_errors():
 @pytest.fixture
 def clean_env(tmp_path, monkeypatch):
   """No TWOTOWER_DATA_DIR, an empty cache under tmp_path, and no network."""
-  monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+  monkeypatch.delenv(download.DATA_DIR_ENV, raising=False)
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
 
   def no_network(url, timeout=None):
     raise AssertionError(f"test tried the network: {url}")
-  monkeypatch.setattr(data, "fetch_url", no_network)
+  monkeypatch.setattr(download, "fetch_url", no_network)
   return tmp_path / "cache" / "twotower_jax" / "ml-100k"
 
 
@@ -344,28 +345,28 @@ def test_resolve_order_flag_then_env_then_cache(tmp_path, monkeypatch, clean_env
   flag = write_tiny(tmp_path / "flag")
   env = write_tiny(tmp_path / "env")
   write_tiny(clean_env)
-  assert data.resolve_data_dir(None) == clean_env
-  monkeypatch.setenv(data.DATA_DIR_ENV, str(env))
-  assert data.resolve_data_dir(None) == env
-  assert data.resolve_data_dir("") == env
-  assert data.resolve_data_dir(str(flag)) == flag
+  assert download.resolve_data_dir(None) == clean_env
+  monkeypatch.setenv(download.DATA_DIR_ENV, str(env))
+  assert download.resolve_data_dir(None) == env
+  assert download.resolve_data_dir("") == env
+  assert download.resolve_data_dir(str(flag)) == flag
 
 
 def test_resolve_accepts_parent_with_ml100k_subfolder(tmp_path, clean_env):
   write_tiny(tmp_path / "parent" / "ml-100k")
-  assert data.resolve_data_dir(tmp_path / "parent") == tmp_path / "parent" / "ml-100k"
+  assert download.resolve_data_dir(tmp_path / "parent") == tmp_path / "parent" / "ml-100k"
 
 
 def test_configured_dir_without_files_is_an_error_not_a_fallthrough(tmp_path, monkeypatch,
                                                                    clean_env):
-  monkeypatch.setenv(data.DATA_DIR_ENV, str(write_tiny(tmp_path / "env")))
+  monkeypatch.setenv(download.DATA_DIR_ENV, str(write_tiny(tmp_path / "env")))
   (tmp_path / "empty").mkdir()
-  with pytest.raises(data.DataError, match=re.escape(str(tmp_path / "empty")) +
+  with pytest.raises(dataset.DataError, match=re.escape(str(tmp_path / "empty")) +
                      r" \(from --config.data.dir\) lacks u.data, u.item, u.user"):
-    data.resolve_data_dir(tmp_path / "empty")
-  monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "nowhere"))
-  with pytest.raises(data.DataError, match=r"nowhere \(from \$TWOTOWER_DATA_DIR\) does not exist"):
-    data.resolve_data_dir(None)
+    download.resolve_data_dir(tmp_path / "empty")
+  monkeypatch.setenv(download.DATA_DIR_ENV, str(tmp_path / "nowhere"))
+  with pytest.raises(dataset.DataError, match=r"nowhere \(from \$TWOTOWER_DATA_DIR\) does not exist"):
+    download.resolve_data_dir(None)
 
 
 def _expect_not_found(excinfo, cache: pathlib.Path, reason: str) -> None:
@@ -378,24 +379,24 @@ def _expect_not_found(excinfo, cache: pathlib.Path, reason: str) -> None:
 
 
 def test_no_data_and_download_disabled(clean_env):
-  with pytest.raises(data.DataError) as e:
-    data.resolve_data_dir(None, download=False)
+  with pytest.raises(dataset.DataError) as e:
+    download.resolve_data_dir(None, download=False)
   _expect_not_found(e, clean_env, "download is disabled")
 
 
 def test_offline_download_gives_one_clear_error(clean_env):
   def offline(url):
     raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-  with pytest.raises(data.DataError) as e:
-    data.resolve_data_dir(None, fetch=offline)
+  with pytest.raises(dataset.DataError) as e:
+    download.resolve_data_dir(None, fetch=offline)
   _expect_not_found(e, clean_env, "Temporary failure in name resolution")
 
 
 def test_checksum_mismatch_is_rejected_and_nothing_is_kept(clean_env):
-  with pytest.raises(data.DataError) as e:
-    data.resolve_data_dir(None, fetch=lambda url: b"<html>captive portal</html>")
+  with pytest.raises(dataset.DataError) as e:
+    download.resolve_data_dir(None, fetch=lambda url: b"<html>captive portal</html>")
   _expect_not_found(e, clean_env, "SHA-256")
-  assert data.ML100K_SHA256 in str(e.value)
+  assert download.ML100K_SHA256 in str(e.value)
 
 
 def _fake_zip(tmp_path) -> bytes:
@@ -409,14 +410,14 @@ def _fake_zip(tmp_path) -> bytes:
 
 def test_download_extracts_into_cache(tmp_path, monkeypatch, clean_env):
   blob = _fake_zip(tmp_path)
-  monkeypatch.setattr(data, "ML100K_SHA256", hashlib.sha256(blob).hexdigest())
+  monkeypatch.setattr(download, "ML100K_SHA256", hashlib.sha256(blob).hexdigest())
   urls = []
-  got = data.resolve_data_dir(None, fetch=lambda url: urls.append(url) or blob)
-  assert urls == [data.ML100K_URL]
+  got = download.resolve_data_dir(None, fetch=lambda url: urls.append(url) or blob)
+  assert urls == [download.ML100K_URL]
   assert got == clean_env
   assert (got / "u.data").read_text() == TINY["u.data"]
   # Second call finds the cache and does not download again.
-  assert data.resolve_data_dir(None, fetch=lambda url: pytest.fail("downloaded twice")) == got
+  assert download.resolve_data_dir(None, fetch=lambda url: pytest.fail("downloaded twice")) == got
 
 
 def test_unsafe_zip_member_is_rejected(tmp_path, monkeypatch, clean_env):
@@ -424,9 +425,9 @@ def test_unsafe_zip_member_is_rejected(tmp_path, monkeypatch, clean_env):
   with zipfile.ZipFile(buf, "w") as z:
     z.writestr("../evil", "x")
   blob = buf.getvalue()
-  monkeypatch.setattr(data, "ML100K_SHA256", hashlib.sha256(blob).hexdigest())
-  with pytest.raises(data.DataError, match="unsafe path '../evil'"):
-    data.resolve_data_dir(None, fetch=lambda url: blob)
+  monkeypatch.setattr(download, "ML100K_SHA256", hashlib.sha256(blob).hexdigest())
+  with pytest.raises(dataset.DataError, match="unsafe path '../evil'"):
+    download.resolve_data_dir(None, fetch=lambda url: blob)
   assert not (tmp_path / "cache" / "evil").exists()
 
 
@@ -435,18 +436,18 @@ def test_unsafe_zip_member_is_rejected(tmp_path, monkeypatch, clean_env):
 
 
 def _cfg(**kw):
-  cfg = data.default_data_config()
+  cfg = config_lib.base_config().data
   cfg.update(kw)
   return cfg
 
 
 def test_load_and_train_test_from_config(ml100k_dir, synthetic):
-  ds = data.load(_cfg(dir=str(ml100k_dir)))
+  ds = sources.load_dataset(_cfg(dir=str(ml100k_dir)))
   np.testing.assert_array_equal(ds.ratings["timestamp"], synthetic.ratings["timestamp"])
-  train, test = data.train_test(_cfg(split="random", test_fraction=0.1), ds, seed=0)
+  train, test = sources.train_test(_cfg(split="random", test_fraction=0.1), ds, seed=0)
   assert train["user_id"].size == 1350 and test["user_id"].size == 150
   assert set(train) == set(ds.ratings)
-  train, test = data.train_test(_cfg(train_size=1000, test_size=200), ds, seed=0)
+  train, test = sources.train_test(_cfg(train_size=1000, test_size=200), ds, seed=0)
   assert (train["movie_title"].size, test["movie_genres"].shape) == (1000, (200, 5))
 
 
@@ -459,26 +460,26 @@ def test_train_test_files_split(tmp_path, monkeypatch, ml100k_dir, synthetic):
   cfg = _cfg(dir=str(folder), split="files", train_file="u1.base",
              test_file=str(folder / "u1.test"))
   monkeypatch.chdir(tmp_path)
-  train, test = data.train_test(cfg, synthetic, seed=0)
+  train, test = sources.train_test(cfg, synthetic, seed=0)
   np.testing.assert_array_equal(train["timestamp"], synthetic.ratings["timestamp"][:1200])
   np.testing.assert_array_equal(test["movie_title"], synthetic.ratings["movie_title"][1200:])
-  with pytest.raises(data.DataError, match="--config.data.train_file='u9.base' not found"):
-    data.train_test(_cfg(dir=str(folder), split="files", train_file="u9.base",
+  with pytest.raises(dataset.DataError, match="--config.data.train_file='u9.base' not found"):
+    sources.train_test(_cfg(dir=str(folder), split="files", train_file="u9.base",
                          test_file="u1.test"), synthetic, seed=0)
-  with pytest.raises(data.DataError, match="needs --config.data.test_file"):
-    data.train_test(_cfg(dir=str(folder), split="files", train_file="u1.base"), synthetic, 0)
+  with pytest.raises(dataset.DataError, match="needs --config.data.test_file"):
+    sources.train_test(_cfg(dir=str(folder), split="files", train_file="u1.base"), synthetic, 0)
 
 
 def test_unknown_source_lists_valid_ones_and_registry_works(monkeypatch, synthetic):
-  with pytest.raises(data.DataError, match="unknown data source 'ml-7m'.*grouplens, tfds"):
-    data.load(_cfg(source="ml-7m"))
-  monkeypatch.setitem(data.LOADERS, "fake", lambda cfg: synthetic)
-  assert data.load(_cfg(source="fake")) is synthetic
+  with pytest.raises(dataset.DataError, match="unknown data source 'ml-7m'.*grouplens, tfds"):
+    sources.load_dataset(_cfg(source="ml-7m"))
+  monkeypatch.setitem(sources.LOADERS, "fake", lambda cfg: synthetic)
+  assert sources.load_dataset(_cfg(source="fake")) is synthetic
 
 
 def test_config_dict_without_optional_keys_uses_defaults(ml100k_dir):
   cfg = ml_collections.ConfigDict({"dir": str(ml100k_dir)})
-  assert data.load(cfg).source == "grouplens-100k"
+  assert sources.load_dataset(cfg).source == "grouplens-100k"
 
 
 # ----------------------------------------------------------------------------
@@ -487,7 +488,7 @@ def test_config_dict_without_optional_keys_uses_defaults(ml100k_dir):
 
 @pytest.mark.integration
 def test_real_movielens_100k(real_data_dir):
-  ds = data.load(_cfg(dir=str(real_data_dir), download=False))
+  ds = sources.load_dataset(_cfg(dir=str(real_data_dir), download=False))
   r, m = ds.ratings, ds.movies
   assert r["user_id"].size == 100_000
   assert np.unique(r["user_id"]).size == 943 and ds.users["user_id"].size == 943
@@ -501,7 +502,7 @@ def test_real_movielens_100k(real_data_dir):
   assert 1922 <= m["movie_release_year"][m["movie_release_year"] > 0].min()
   assert sorted(np.unique(r["bucketized_user_age"])) == [1, 18, 25, 35, 45, 50, 56]
   assert set(np.unique(r["user_rating"])) == {1, 2, 3, 4, 5}
-  train, test = data.train_test(_cfg(dir=str(real_data_dir)), ds, seed=42)
+  train, test = sources.train_test(_cfg(dir=str(real_data_dir)), ds, seed=42)
   assert (train["user_id"].size, test["user_id"].size) == (80_000, 10_000)
 
 
@@ -562,7 +563,7 @@ def _ref_id_rows(text, num_fields, row_ok):
 def ref_u_user(text):
   return _ref_id_rows(text, 5, lambda f: (
       _is_int(f[1], 3) and 1 <= int(f[1]) <= 120 and f[2] in ("M", "F")
-      and f[3] in data.OCCUPATION_TEXT_TO_LABEL and f[4] != ""))
+      and f[3] in dataset.OCCUPATION_TEXT_TO_LABEL and f[4] != ""))
 
 
 def ref_u_item(text, num_genres):
@@ -616,7 +617,7 @@ GRAMMARS = {
                 lambda i: _bad_int(-1, 7), lambda i: _bad_int(0, 10**12)], "\t"),
     "u.user": ([lambda i: _ok_int(0, 10**6), lambda i: _ok_int(1, 120),
                 lambda i: st.sampled_from(["M", "F"]),
-                lambda i: st.sampled_from(sorted(data.OCCUPATION_TEXT_TO_LABEL)),
+                lambda i: st.sampled_from(sorted(dataset.OCCUPATION_TEXT_TO_LABEL)),
                 lambda i: st.text(alphabet="0123456789TNH é", min_size=1, max_size=6)],
                [lambda i: _bad_int(0, 6), lambda i: _bad_int(-1, 130),
                 lambda i: st.sampled_from(["M", "F", "m", ""]),
@@ -662,7 +663,7 @@ def _check(path, parse, expect, text):
   got_ok, bad = expect(text) if _ref_lines(text) is not None else (None, None)
   try:
     got = parse(path)
-  except data.DataError as e:
+  except dataset.DataError as e:
     assert got_ok is None, f"rejected a valid file: {e}"
     if bad is None:
       assert "is empty" in str(e)
@@ -683,7 +684,7 @@ SETTINGS = hypothesis.settings(max_examples=150, deadline=None, derandomize=True
 @hypothesis.given(_file("u.data"))
 def test_u_data_parser_property(text):
   with tempfile.TemporaryDirectory() as d:
-    out = _check(pathlib.Path(d) / "u.data", data.read_u_data, ref_u_data, text)
+    out = _check(pathlib.Path(d) / "u.data", movielens.read_u_data, ref_u_data, text)
   if out:
     got, ref = out
     np.testing.assert_array_equal(got["user_id"], ref[:, 0])
@@ -696,7 +697,7 @@ def test_u_data_parser_property(text):
 @hypothesis.given(_file("u.user"))
 def test_u_user_parser_property(text):
   with tempfile.TemporaryDirectory() as d:
-    out = _check(pathlib.Path(d) / "u.user", data.read_u_user, ref_u_user, text)
+    out = _check(pathlib.Path(d) / "u.user", movielens.read_u_user, ref_u_user, text)
   if out:
     got, rows = out
     np.testing.assert_array_equal(got["user_id"], [int(f[0]) for f in rows])
@@ -704,9 +705,9 @@ def test_u_user_parser_property(text):
     np.testing.assert_array_equal(got["user_gender"], [f[2] == "M" for f in rows])
     np.testing.assert_array_equal(got["user_occupation_text"], [f[3] for f in rows])
     np.testing.assert_array_equal(got["user_zip_code"], [f[4] for f in rows])
-    labels = [data.OCCUPATION_LABELS.index(data.OCCUPATION_TEXT_TO_LABEL[f[3]]) for f in rows]
+    labels = [dataset.OCCUPATION_LABELS.index(dataset.OCCUPATION_TEXT_TO_LABEL[f[3]]) for f in rows]
     np.testing.assert_array_equal(got["user_occupation_label"], labels)
-    buckets = [max(b for b in data.AGE_BUCKETS if b <= max(int(f[1]), 1)) for f in rows]
+    buckets = [max(b for b in dataset.AGE_BUCKETS if b <= max(int(f[1]), 1)) for f in rows]
     np.testing.assert_array_equal(got["bucketized_user_age"], buckets)
 
 
@@ -715,7 +716,7 @@ def test_u_user_parser_property(text):
 def test_u_item_parser_property(text):
   genres = ("a", "b", "c")
   with tempfile.TemporaryDirectory() as d:
-    out = _check(pathlib.Path(d) / "u.item", lambda p: data.read_u_item(p, genres),
+    out = _check(pathlib.Path(d) / "u.item", lambda p: movielens.read_u_item(p, genres),
                  lambda t: ref_u_item(t, len(genres)), text)
   if out:
     got, rows = out
@@ -732,6 +733,6 @@ def test_u_item_parser_property(text):
 @hypothesis.given(_file("u.genre", max_lines=5))
 def test_u_genre_parser_property(text):
   with tempfile.TemporaryDirectory() as d:
-    out = _check(pathlib.Path(d) / "u.genre", data.read_u_genre, ref_u_genre, text)
+    out = _check(pathlib.Path(d) / "u.genre", movielens.read_u_genre, ref_u_genre, text)
   if out:
     assert out[0] == out[1]

@@ -11,10 +11,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from twotower_jax import data, data_large
-from twotower_jax.data import DataError
+from twotower_jax.data import dataset, movielens_large, sources, synthetic
+from twotower_jax.data.dataset import DataError
 
-G = {name: i for i, name in enumerate(data.ML100K_GENRE_NAMES)}
+G = {name: i for i, name in enumerate(dataset.ML100K_GENRE_NAMES)}
 LATIN1_TITLE = "Café Crème à Noël (1994)"
 
 ML1M_MOVIES = [
@@ -92,9 +92,9 @@ def genre_row(ids, width):
 
 
 def test_ml1m_columns_and_values(ml1m_dir):
-  ds = data_large.load_movielens_1m(ml1m_dir)
+  ds = movielens_large.load_movielens_1m(ml1m_dir)
   r, m = ds.ratings, ds.movies
-  assert ds.source == "ml-1m" and ds.genre_names == data.ML100K_GENRE_NAMES
+  assert ds.source == "ml-1m" and ds.genre_names == dataset.ML100K_GENRE_NAMES
   assert list(r) == ["user_id", "movie_id", "user_rating", "timestamp", "raw_user_age",
                      "bucketized_user_age", "user_gender", "user_occupation_text",
                      "user_occupation_label", "user_zip_code", "movie_title", "movie_genres"]
@@ -116,7 +116,7 @@ def test_ml1m_columns_and_values(ml1m_dir):
   assert list(r["user_occupation_text"]) == [
       "K-12 student", "K-12 student", "self-employed", "other/not specified",
       "college/grad student"]
-  labels = [data.OCCUPATION_LABELS[i] for i in r["user_occupation_label"]]
+  labels = [dataset.OCCUPATION_LABELS[i] for i in r["user_occupation_label"]]
   assert labels == ["student", "student", "self-employed", "other/not specified", "student"]
   assert r["user_zip_code"][3] == "55117-1234" and r["user_zip_code"][4] == "02460"
   assert r["movie_title"][1] == LATIN1_TITLE
@@ -135,7 +135,7 @@ def test_ml1m_columns_and_values(ml1m_dir):
 
 def test_ml1m_via_data_load_and_parent_dir(ml1m_dir):
   for d in (ml1m_dir, ml1m_dir.parent):  # the folder itself or its parent holding ml-1m/
-    ds = data.load(ml_collections.ConfigDict({"source": "ml-1m", "dir": str(d)}))
+    ds = sources.load_dataset(ml_collections.ConfigDict({"source": "ml-1m", "dir": str(d)}))
     assert ds.source == "ml-1m" and ds.ratings["user_id"].shape == (5,)
 
 
@@ -145,7 +145,7 @@ def test_ml1m_crlf_and_no_final_newline(tmp_path):
   write_lines(d / "movies.dat", ML1M_MOVIES, "latin-1", end="\r\n")
   write_lines(d / "users.dat", ML1M_USERS, "latin-1", end="\r\n")
   (d / "ratings.dat").write_bytes("\n".join(ML1M_RATINGS).encode())
-  ds = data_large.load_movielens_1m(d)
+  ds = movielens_large.load_movielens_1m(d)
   assert ds.ratings["timestamp"][-1] == 978824291
   assert ds.ratings["user_zip_code"][0] == "48067"
   assert ds.ratings["movie_genres"][3].tolist()[:3] == sorted(
@@ -167,7 +167,7 @@ def test_ml1m_malformed_rating_line(ml1m_dir, bad, lineno, words):
   lines[lineno - 1] = bad
   write_lines(ml1m_dir / "ratings.dat", lines)
   with pytest.raises(DataError) as e:
-    data_large.load_movielens_1m(ml1m_dir)
+    movielens_large.load_movielens_1m(ml1m_dir)
   msg = str(e.value)
   assert f"ratings.dat:{lineno}:" in msg and words in msg and "Fix:" in msg, msg
 
@@ -186,7 +186,7 @@ def test_ml1m_malformed_rating_line(ml1m_dir, bad, lineno, words):
 def test_ml1m_malformed_movies_and_users(ml1m_dir, file, lines, lineno, words):
   write_lines(ml1m_dir / file, lines, "latin-1")
   with pytest.raises(DataError) as e:
-    data_large.load_movielens_1m(ml1m_dir)
+    movielens_large.load_movielens_1m(ml1m_dir)
   msg = str(e.value)
   assert f"{file}:{lineno}:" in msg and words in msg and "Fix:" in msg, msg
 
@@ -194,24 +194,24 @@ def test_ml1m_malformed_movies_and_users(ml1m_dir, file, lines, lineno, words):
 def test_ml1m_unknown_movie_and_user(ml1m_dir):
   write_lines(ml1m_dir / "ratings.dat", ML1M_RATINGS[:3] + ["4::99::2::978824291"])
   with pytest.raises(DataError, match=r"ratings\.dat:4: movie id 99 is not in .*movies\.dat"):
-    data_large.load_movielens_1m(ml1m_dir)
+    movielens_large.load_movielens_1m(ml1m_dir)
   write_lines(ml1m_dir / "ratings.dat", ML1M_RATINGS[:1] + ["7::1::2::978824291"])
   with pytest.raises(DataError, match=r"ratings\.dat:2: user id 7 is not in .*users\.dat"):
-    data_large.load_movielens_1m(ml1m_dir)
+    movielens_large.load_movielens_1m(ml1m_dir)
 
 
 def test_missing_files_name_path_and_url(ml1m_dir, csv_dir, tmp_path):
   (ml1m_dir / "users.dat").unlink()
   with pytest.raises(DataError) as e:
-    data_large.load_movielens_1m(ml1m_dir)
+    movielens_large.load_movielens_1m(ml1m_dir)
   assert str(ml1m_dir / "users.dat") in str(e.value)
   assert "https://files.grouplens.org/datasets/movielens/ml-1m.zip" in str(e.value)
   (csv_dir / "ratings.csv").unlink()
   with pytest.raises(DataError) as e:
-    data_large.load_movielens_csv(csv_dir, "ml-25m")
+    movielens_large.load_movielens_csv(csv_dir, "ml-25m")
   assert str(csv_dir / "ratings.csv") in str(e.value) and "ml-25m.zip" in str(e.value)
   with pytest.raises(DataError, match="needs --config.data.dir"):
-    data.load(ml_collections.ConfigDict({"source": "ml-20m", "dir": ""}))
+    sources.load_dataset(ml_collections.ConfigDict({"source": "ml-20m", "dir": ""}))
 
 
 # ----------------------------------------------------------------------------
@@ -225,10 +225,10 @@ CSV_SOURCES = ("ml-20m", "ml-25m", "ml-latest")
 def test_csv_columns_and_values(tmp_path, source):
   csv_dir = write_csv_source(tmp_path, source)
   # The parent folder works too: each source looks in its own <dir>/<source>/ subfolder.
-  ds = data.load(ml_collections.ConfigDict({"source": source, "dir": str(tmp_path)}))
+  ds = sources.load_dataset(ml_collections.ConfigDict({"source": source, "dir": str(tmp_path)}))
   r, m = ds.ratings, ds.movies
   assert ds.source == source and ds.users is None
-  assert ds.genre_names == data.ML100K_GENRE_NAMES + ("IMAX",)
+  assert ds.genre_names == dataset.ML100K_GENRE_NAMES + ("IMAX",)
   assert list(r) == ["user_id", "movie_id", "user_rating", "timestamp", "movie_title",
                      "movie_genres"]
   assert (r["user_id"].dtype, r["movie_id"].dtype, r["user_rating"].dtype,
@@ -252,7 +252,7 @@ def test_csv_columns_and_values(tmp_path, source):
   np.testing.assert_array_equal(m["movie_release_year"], [1995, 1995, 2007, -1, 2006])
   (csv_dir / "ratings.csv").unlink()  # a missing file names this source's download
   with pytest.raises(DataError) as e:
-    data.load(ml_collections.ConfigDict({"source": source, "dir": str(csv_dir)}))
+    sources.load_dataset(ml_collections.ConfigDict({"source": source, "dir": str(csv_dir)}))
   assert f"https://files.grouplens.org/datasets/movielens/{source}.zip" in str(e.value)
 
 
@@ -271,7 +271,7 @@ def test_csv_malformed_rating_line(csv_dir, bad, lineno, words):
   lines[lineno - 1] = bad
   write_lines(csv_dir / "ratings.csv", lines)
   with pytest.raises(DataError) as e:
-    data_large.load_movielens_csv(csv_dir)
+    movielens_large.load_movielens_csv(csv_dir)
   msg = str(e.value)
   assert f"ratings.csv:{lineno}:" in msg and words in msg and "Fix:" in msg, msg
 
@@ -279,10 +279,10 @@ def test_csv_malformed_rating_line(csv_dir, bad, lineno, words):
 def test_csv_header_and_unknown_movie(csv_dir):
   write_lines(csv_dir / "ratings.csv", ["user,movie,rating,time"] + CSV_RATINGS[1:])
   with pytest.raises(DataError, match=r"ratings\.csv:1: the header"):
-    data_large.load_movielens_csv(csv_dir)
+    movielens_large.load_movielens_csv(csv_dir)
   write_lines(csv_dir / "ratings.csv", CSV_RATINGS + ["3,12345,4.0,1260759144"])
   with pytest.raises(DataError, match=r"ratings\.csv:7: movie id 12345 is not in .*movies\.csv"):
-    data_large.load_movielens_csv(csv_dir)
+    movielens_large.load_movielens_csv(csv_dir)
 
 
 @pytest.mark.parametrize("bad, words", [
@@ -295,7 +295,7 @@ def test_csv_header_and_unknown_movie(csv_dir):
 def test_csv_malformed_movies(csv_dir, bad, words):
   write_lines(csv_dir / "movies.csv", CSV_MOVIES[:2] + [bad] + CSV_MOVIES[3:])
   with pytest.raises(DataError) as e:
-    data_large.load_movielens_csv(csv_dir)
+    movielens_large.load_movielens_csv(csv_dir)
   msg = str(e.value)
   assert "movies.csv:3:" in msg and words in msg and "Fix:" in msg, msg
 
@@ -304,7 +304,7 @@ def test_csv_movies_not_utf8(csv_dir):
   lines = CSV_MOVIES[:4]  # line 4 holds "Niñas Mal (2007)"
   (csv_dir / "movies.csv").write_bytes("\n".join(lines).encode("latin-1"))
   with pytest.raises(DataError, match=r"movies\.csv:4: .* not valid utf-8"):
-    data_large.load_movielens_csv(csv_dir)
+    movielens_large.load_movielens_csv(csv_dir)
 
 
 def test_chunked_parse_matches_and_numbers_lines_across_chunks():
@@ -314,9 +314,9 @@ def test_chunked_parse_matches_and_numbers_lines_across_chunks():
   r, t = rng.integers(1, 11, n) / 2, rng.integers(0, 2**31, n)
   lines = [f"{a},{b},{c},{d}" for a, b, c, d in zip(u, m, r, t)]
   blob = ("\n".join(["userId,movieId,rating,timestamp"] + lines) + "\n").encode()
-  kw = {"sep": ",", "header": data_large.RATINGS_CSV_HEADER, "url": "u"}
-  whole, first = data_large.parse_ratings("f.csv", blob, **kw)
-  chunked, _ = data_large.parse_ratings("f.csv", blob, chunk_bytes=64, **kw)
+  kw = {"sep": ",", "header": movielens_large.RATINGS_CSV_HEADER, "url": "u"}
+  whole, first = movielens_large.parse_ratings("f.csv", blob, **kw)
+  chunked, _ = movielens_large.parse_ratings("f.csv", blob, chunk_bytes=64, **kw)
   assert first == 2
   for name, expect in (("user_id", u), ("movie_id", m), ("user_rating", r), ("timestamp", t)):
     np.testing.assert_array_equal(whole[name], expect)
@@ -325,7 +325,7 @@ def test_chunked_parse_matches_and_numbers_lines_across_chunks():
   blob = ("\n".join(["userId,movieId,rating,timestamp"] + lines) + "\n").encode()
   for chunk_bytes in (64, 1 << 20):
     with pytest.raises(DataError, match=r"^f\.csv:402: found 5 fields"):
-      data_large.parse_ratings("f.csv", blob, chunk_bytes=chunk_bytes, **kw)
+      movielens_large.parse_ratings("f.csv", blob, chunk_bytes=chunk_bytes, **kw)
 
 
 # ----------------------------------------------------------------------------
@@ -333,7 +333,7 @@ def test_chunked_parse_matches_and_numbers_lines_across_chunks():
 
 
 def test_synthetic_shapes_dtypes_and_documented_structure():
-  ds = data_large.synthetic(300, 500, 20_000, seed=3, num_clusters=7)
+  ds = synthetic.synthetic(300, 500, 20_000, seed=3, num_clusters=7)
   r, m = ds.ratings, ds.movies
   assert ds.source == "synthetic" and ds.genre_names == tuple(f"cluster {c}" for c in range(7))
   assert list(r) == ["user_id", "movie_id", "user_rating", "timestamp", "movie_title",
@@ -347,8 +347,8 @@ def test_synthetic_shapes_dtypes_and_documented_structure():
   assert r["movie_id"].min() >= 1 and r["movie_id"].max() <= 500
   assert set(np.unique(r["user_rating"])) <= {1.0, 2.0, 3.0, 4.0, 5.0}
   assert np.all(np.diff(r["timestamp"]) >= 0)
-  assert r["timestamp"][0] >= data_large.SYNTHETIC_START
-  assert r["timestamp"][-1] < data_large.SYNTHETIC_END
+  assert r["timestamp"][0] >= synthetic.SYNTHETIC_START
+  assert r["timestamp"][-1] < synthetic.SYNTHETIC_END
   assert r["timestamp"][-1] - r["timestamp"][0] > 10 * 365 * 86_400  # spread over years
   np.testing.assert_array_equal(m["movie_id"], np.arange(1, 501))
   assert m["movie_title"][41] == "item 42"
@@ -360,9 +360,9 @@ def test_synthetic_shapes_dtypes_and_documented_structure():
 
 
 def test_synthetic_deterministic_per_seed():
-  a = data_large.synthetic(50, 80, 2_000, seed=5)
-  b = data_large.synthetic(50, 80, 2_000, seed=5)
-  c = data_large.synthetic(50, 80, 2_000, seed=6)
+  a = synthetic.synthetic(50, 80, 2_000, seed=5)
+  b = synthetic.synthetic(50, 80, 2_000, seed=5)
+  c = synthetic.synthetic(50, 80, 2_000, seed=6)
   for name in a.ratings:
     np.testing.assert_array_equal(a.ratings[name], b.ratings[name])
   for name in a.movies:
@@ -371,11 +371,11 @@ def test_synthetic_deterministic_per_seed():
 
 
 def test_synthetic_zipf_skew():
-  ds = data_large.synthetic(2_000, 5_000, 100_000, seed=0)
+  ds = synthetic.synthetic(2_000, 5_000, 100_000, seed=0)
   counts = np.sort(np.bincount(ds.ratings["movie_id"], minlength=5_001)[1:])[::-1]
   top_share = counts[:50].sum() / counts.sum()  # top 1% of items
   assert top_share > 0.3, top_share
-  flat = data_large.synthetic(2_000, 5_000, 100_000, seed=0, zipf_a=0.0)
+  flat = synthetic.synthetic(2_000, 5_000, 100_000, seed=0, zipf_a=0.0)
   counts = np.sort(np.bincount(flat.ratings["movie_id"], minlength=5_001)[1:])[::-1]
   assert counts[:50].sum() / counts.sum() < 0.02
 
@@ -383,7 +383,7 @@ def test_synthetic_zipf_skew():
 @pytest.mark.parametrize("affinity", [0.0, 0.5, 0.8, 1.0])
 def test_synthetic_in_cluster_fraction_matches_affinity(affinity):
   c = 10
-  ds = data_large.synthetic(400, 2_000, 50_000, seed=1, num_clusters=c, affinity=affinity)
+  ds = synthetic.synthetic(400, 2_000, 50_000, seed=1, num_clusters=c, affinity=affinity)
   r = ds.ratings
   in_cluster = r["movie_genres"][:, 0] == r["user_id"] % c
   # A global draw lands in the user's cluster with that cluster's popularity mass;
@@ -399,7 +399,7 @@ def test_synthetic_in_cluster_fraction_matches_affinity(affinity):
 def test_synthetic_user_history_beats_popularity():
   """Planted clusters make the user's own history informative beyond popularity."""
   c, k = 20, 20
-  ds = data_large.synthetic(500, 3_000, 60_000, seed=2, num_clusters=c)
+  ds = synthetic.synthetic(500, 3_000, 60_000, seed=2, num_clusters=c)
   r = ds.ratings
   split = int(0.8 * r["user_id"].size)  # rows are in time order
   train_u, train_i = r["user_id"][:split], r["movie_id"][:split]
@@ -421,23 +421,23 @@ def test_synthetic_loader_reads_config_and_validates():
   cfg = ml_collections.ConfigDict({
       "source": "synthetic", "synthetic_users": 30, "synthetic_items": 40,
       "synthetic_interactions": 700, "synthetic_clusters": 4, "synthetic_affinity": 1.0})
-  ds = data.load(cfg)
+  ds = sources.load_dataset(cfg)
   assert ds.ratings["user_id"].shape == (700,) and ds.movies["movie_id"].shape == (40,)
   assert (ds.ratings["movie_genres"][:, 0] == ds.ratings["user_id"] % 4).all()
   assert len(ds.genre_names) == 4
-  defaults = data_large.LOADERS["synthetic"](ml_collections.ConfigDict(
+  defaults = sources.LOADERS["synthetic"](ml_collections.ConfigDict(
       {"synthetic_interactions": 1_000}))
   assert defaults.movies["movie_id"].shape == (10_000,)
   for kwargs, words in (({"num_clusters": 50}, "num_clusters=50 exceeds num_items=40"),
                         ({"affinity": 1.5}, "affinity=1.5 must lie in [0, 1]"),
                         ({"zipf_a": -1.0}, "zipf_a=-1.0 must be >= 0")):
     with pytest.raises(DataError, match=r"Fix: .*synthetic_") as e:
-      data_large.synthetic(30, 40, 700, **kwargs)
+      synthetic.synthetic(30, 40, 700, **kwargs)
     assert words in str(e.value)
   with pytest.raises(DataError, match="num_users=0 must be a positive integer"):
-    data_large.synthetic(0, 40, 700)
+    synthetic.synthetic(0, 40, 700)
 
 
 def test_loaders_registered():
   for name in ("ml-1m", "ml-20m", "ml-25m", "ml-latest", "synthetic"):
-    assert name in data.LOADERS
+    assert name in sources.LOADERS

@@ -9,6 +9,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from conftest import load_benchmark
+from twotower_jax import faiss_index
 from twotower_jax import index
 from twotower_jax.index import BruteForceIndex, csr_to_padded, dedupe_ids, exact_top_k
 
@@ -376,17 +378,17 @@ def test_faiss_flat_matches_and_ivf_recall():
   c = rng.standard_normal((2000, 16)).astype(np.float32)
   q = rng.standard_normal((20, 16)).astype(np.float32)
   idx = BruteForceIndex(embeddings_NxD=c, ids_N=np.arange(2000) + 5)
-  flat = index.to_faiss(idx, "flat")
+  flat = faiss_index.to_faiss(idx, "flat")
   _, f_rows = flat.search(q, 10)
   np.testing.assert_array_equal(f_rows, reference(q, c, 10)[1])
-  assert index.faiss_recall_at_k(idx, flat, q, 10) == 1.0
-  ivf = index.to_faiss(idx, "ivf", nlist=32, nprobe=1)
-  low = index.faiss_recall_at_k(idx, ivf, q, 10)
+  assert faiss_index.faiss_recall_at_k(idx, flat, q, 10) == 1.0
+  ivf = faiss_index.to_faiss(idx, "ivf", nlist=32, nprobe=1)
+  low = faiss_index.faiss_recall_at_k(idx, ivf, q, 10)
   assert 0.0 < low < 1.0
   ivf.nprobe = 32  # every list searched: exact again
-  assert index.faiss_recall_at_k(idx, ivf, q, 10) == 1.0
+  assert faiss_index.faiss_recall_at_k(idx, ivf, q, 10) == 1.0
   with pytest.raises(ValueError, match="'flat' or 'ivf'"):
-    index.to_faiss(idx, "hnsw")
+    faiss_index.to_faiss(idx, "hnsw")
 
 
 # ----------------------------------------------------------------------------
@@ -396,7 +398,7 @@ def test_faiss_flat_matches_and_ivf_recall():
 def test_bench_index_cli_writes_json(tmp_path, capsys):
   import json
 
-  from twotower_jax import bench
+  bench = load_benchmark()
 
   out = tmp_path / "index.json"
   rc = bench.main(["index", "--n=3000", "--d=8", "--batch=16", "--k=10", "--num_batches=2",
@@ -414,7 +416,7 @@ def test_bench_index_cli_writes_json(tmp_path, capsys):
 
 
 def test_lax_top_k_baseline_chunked_equals_full():
-  from twotower_jax import bench
+  bench = load_benchmark()
 
   q, c = int_data(3, 1000, 4, seed=13)
   full = bench.lax_top_k_baseline(q, c, k=20)
@@ -442,4 +444,4 @@ def test_faiss_missing_names_the_extra(monkeypatch):
   monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` fail
   idx = BruteForceIndex(embeddings_NxD=np.ones((3, 2), np.float32), ids_N=[1, 2, 3])
   with pytest.raises(ImportError, match=r"twotower_jax\[faiss\]"):
-    index.to_faiss(idx)
+    faiss_index.to_faiss(idx)

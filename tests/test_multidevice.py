@@ -18,6 +18,11 @@ SCRIPT = r"""
 import json, sys
 import jax, numpy as np
 from twotower_jax import config as config_lib, train
+from twotower_jax import input_pipeline
+from twotower_jax import sharding
+from twotower_jax import checkpoints
+from twotower_jax import model as model_lib
+from twotower_jax import features as feat
 cfg = config_lib.load_config_file("configs/tiny.py")
 cfg.data.dir = sys.argv[1]
 cfg.data.download = False
@@ -32,16 +37,16 @@ if "sharded" in variant:
   cfg.train.shard_embeddings = True
   cfg.model.table_rows_multiple = 8
   # The tables start and stay split by rows over the devices.
-  prep = train.prepare(cfg)
-  model = train.create_model(cfg, prep)
+  prep = input_pipeline.prepare(cfg)
+  model = model_lib.create_model(cfg.model, feat.vocab_sizes(prep.encoders))
   tx = train.create_optimizer(cfg.optimizer, 10)
-  mesh = train.make_mesh()
+  mesh = sharding.make_mesh()
   state = train.init_state(model, tx, prep, cfg, 0, mesh)
   step = train.make_step_fn(model, tx, cfg.loss, cfg.optimizer.sparse_embeddings,
                             jax.tree_util.tree_map(lambda x: x.sharding, state))
-  idx, valid = train.epoch_batches(len(prep.train_item), 64, 0, 0)
-  state, _ = step(state, train.device_data(prep, mesh), train.put_batches(idx, mesh),
-                  train.put_batches(valid, mesh), 0)
+  idx, valid = input_pipeline.epoch_batches(len(prep.train_item), 64, 0, 0)
+  state, _ = step(state, input_pipeline.device_data(prep, mesh), sharding.put_batches(idx, mesh),
+                  sharding.put_batches(valid, mesh), 0)
   for t in ("user_id", "title"):
     tower = "query" if t == "user_id" else "candidate"
     spec = state.params[tower][t]["embedding"].sharding.spec
@@ -49,7 +54,7 @@ if "sharded" in variant:
 m = train.train_and_evaluate(cfg, sys.argv[2])
 losses = [json.loads(l)["loss"] for l in open(sys.argv[2] + "/metrics.jsonl")]
 leaves = [np.asarray(x, np.float64).ravel() for x in
-          jax.tree_util.tree_leaves(train.load_params(sys.argv[2]))]
+          jax.tree_util.tree_leaves(checkpoints.load_params(sys.argv[2]))]
 print(json.dumps({"devices": jax.device_count(), "losses": losses,
                   "params": np.concatenate(leaves).tolist(),
                   "hr100": m["top_100_accuracy"]}))
@@ -115,10 +120,10 @@ def test_two_processes_match_one(tmp_path, variant):
   assert "top-k accuracy" in outs[0] and "top-k accuracy" not in outs[1]  # process 0 reports
   losses = [json.loads(x)["loss"] for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   np.testing.assert_allclose(losses, one["losses"], rtol=1e-5)
-  from twotower_jax import train  # pylint: disable=g-import-not-at-top
+  from twotower_jax import checkpoints  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   params = np.concatenate([np.asarray(x, np.float64).ravel()
-                           for x in jax.tree_util.tree_leaves(train.load_params(workdir))])
+                           for x in jax.tree_util.tree_leaves(checkpoints.load_params(workdir))])
   np.testing.assert_allclose(params, one["params"], rtol=1e-4, atol=1e-5)
   metrics = json.loads((workdir / "metrics.json").read_text())
   assert metrics["devices"] == 2

@@ -9,6 +9,7 @@ import pytest
 from twotower_jax import config as config_lib
 from twotower_jax import serving
 from twotower_jax import train
+from twotower_jax import checkpoints
 from conftest import write_synthetic_ml100k
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -109,15 +110,15 @@ def test_option_trains(name, data_dir, baseline_losses, tmp_path):
       assert latest_train == np.sort(r[r[:, 0] == u, 3])[-2]
 
   if name == "all_features":  # the extra features have their own tables
-    params = train.load_params(tmp_path)
+    params = checkpoints.load_params(tmp_path)
     assert "user_id" in params["query"]
     assert {"title_words", "release_year"} <= set(params["candidate"])
   if name == "padded_split_tables":  # padded tables serve like any other
-    params = train.load_params(tmp_path)
+    params = checkpoints.load_params(tmp_path)
     assert params["candidate"]["title"]["embedding"].shape[0] % 64 == 0
     assert params["query"]["user_id"]["embedding"].shape[0] % 64 == 0
     rec = serving.load(tmp_path / "serving")
     assert rec.recommend(rec.user_features([1]), 5).movie_id.shape == (1, 5)
   if name == "l2_learned_temperature":
-    params = train.load_params(tmp_path)
+    params = checkpoints.load_params(tmp_path)
     assert float(np.exp(params["log_temperature"])) != pytest.approx(0.1)

@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 
 from twotower_jax import config as config_lib
-from twotower_jax import index
 from twotower_jax import serving
 from twotower_jax import train
+from twotower_jax import input_pipeline
+from twotower_jax import checkpoints
+from twotower_jax import model as model_lib
+from twotower_jax import features as feat
 from conftest import write_synthetic_ml100k
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -32,24 +35,24 @@ def trained(tmp_path_factory):
 
 def test_round_trip_reproduces_the_trained_query_tower(trained):
   workdir, cfg = trained
-  rec = index.load(workdir / "serving")
-  prep = train.prepare(cfg)
-  model = train.create_model(cfg, prep)
-  params = train.load_params(workdir)
+  rec = serving.load(workdir / "serving")
+  prep = input_pipeline.prepare(cfg)
+  model = model_lib.create_model(cfg.model, feat.vocab_sizes(prep.encoders))
+  params = checkpoints.load_params(workdir)
   # The same 5 test interactions embedded by the training code and by the serving directory.
   xq = {k: v[:5] for k, v in prep.test_q.items()}
-  want = np.asarray(train._embed_queries(params, xq, model=model))  # pylint: disable=protected-access
+  want = np.asarray(model_lib.embed_queries(params, xq, model=model))
   raw = {c: prep.test[c][:5] for c in ("raw_user_age", "user_gender", "user_occupation_text",
                                        "timestamp")}
   np.testing.assert_allclose(rec.embed(raw), want, rtol=1e-5, atol=1e-6)
   # Candidate embeddings in the directory equal the model's.
-  c_want = np.asarray(train._embed_candidates(params, prep.cand, model=model))  # pylint: disable=protected-access
+  c_want = np.asarray(model_lib.embed_candidates(params, prep.cand, model=model))
   np.testing.assert_allclose(np.asarray(rec.index.embeddings_NxD), c_want, rtol=1e-5, atol=1e-6)
 
 
 def test_recommend_from_python_matches_brute_force(trained):
   workdir, _ = trained
-  rec = index.load(workdir)  # the workdir itself also works
+  rec = serving.load(workdir)  # the workdir itself also works
   feats = {"raw_user_age": [30.0, 55.0], "user_gender": [True, False],
            "user_occupation_text": ["engineer", "astronaut"], "timestamp": [880000000] * 2}
   r = rec.recommend(feats, 7)
@@ -65,7 +68,7 @@ def test_only_serving_files_are_needed(trained, tmp_path):
   workdir, _ = trained
   copy = tmp_path / "serving_only"
   shutil.copytree(workdir / "serving", copy)
-  rec = index.load(copy)
+  rec = serving.load(copy)
   assert rec.recommend(rec.user_features([1]), 3).movie_id.shape == (1, 3)
 
 
@@ -75,7 +78,7 @@ def test_missing_file_is_named(trained, tmp_path):
   shutil.copytree(workdir / "serving", broken)
   (broken / "candidates.npz").unlink()
   with pytest.raises(serving.ServingError, match=r"incomplete: missing \['candidates.npz'\]"):
-    index.load(broken)
+    serving.load(broken)
 
 
 @pytest.mark.parametrize("name", ["query_params.npz", "candidates.npz", "users.npz"])
@@ -85,7 +88,7 @@ def test_corrupt_file_is_reported(trained, tmp_path, name):
   shutil.copytree(workdir / "serving", broken)
   (broken / name).write_bytes(b"not a zip file")
   with pytest.raises(serving.ServingError) as e:
-    index.load(broken)
+    serving.load(broken)
   msg = str(e.value)
   assert f"Serving directory {broken} is corrupt: {name} is unreadable" in msg, msg
   assert "retrain into a fresh workdir" in msg
@@ -99,16 +102,16 @@ def test_wrong_format_version_is_reported(trained, tmp_path):
   meta["format_version"] = 99
   (broken / "serving.json").write_text(json.dumps(meta))
   with pytest.raises(serving.ServingError, match="format_version 99"):
-    index.load(broken)
+    serving.load(broken)
 
 
 def test_not_a_directory(tmp_path):
   with pytest.raises(serving.ServingError, match="not found"):
-    index.load(tmp_path / "nope")
+    serving.load(tmp_path / "nope")
 
 
 def test_unknown_user_is_a_clear_error(trained):
   workdir, _ = trained
-  rec = index.load(workdir)
+  rec = serving.load(workdir)
   with pytest.raises(serving.ServingError, match="User id 99999 has no training ratings"):
     rec.user_features([99999])

@@ -13,7 +13,10 @@ from twotower_jax import config as config_lib
 from twotower_jax import features
 from twotower_jax import sparse
 from twotower_jax import train
-from conftest import write_synthetic_ml100k
+from twotower_jax import input_pipeline
+from twotower_jax import sharding
+from twotower_jax import model as model_lib
+from conftest import load_benchmark, write_synthetic_ml100k
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -39,15 +42,15 @@ def make_config(data_dir, **overrides):
 
 def run_steps(cfg, sparse_embeddings: bool, steps: int = STEPS):
   """Jitted steps from the same initial state; returns every state and the losses."""
-  prep = train.prepare(cfg)
-  model = train.create_model(cfg, prep)
+  prep = input_pipeline.prepare(cfg)
+  model = model_lib.create_model(cfg.model, features.vocab_sizes(prep.encoders))
   tx = train.create_optimizer(cfg.optimizer, 100)
   state = train.init_state(model, tx, prep, cfg, jax.random.key(0))
-  data = train.device_data(prep, train.make_mesh())
+  data = input_pipeline.device_data(prep, sharding.make_mesh())
   step = jax.jit(functools.partial(
       train.train_step, model=model, tx=tx, loss_cfg=ml_collections.FrozenConfigDict(cfg.loss),
       sparse_embeddings=sparse_embeddings))
-  idx, valid = train.epoch_batches(len(prep.train_item), cfg.train.batch_size, 0, 0)
+  idx, valid = input_pipeline.epoch_batches(len(prep.train_item), cfg.train.batch_size, 0, 0)
   states, losses = [state], []
   for i in range(steps):
     state, loss = step(state, data, idx[i], valid[i])
@@ -122,7 +125,7 @@ def test_no_table_is_an_error(data_dir, tmp_path):
 
 
 def test_training_benchmark_compares_sparse_with_dense(tmp_path, capsys):
-  from twotower_jax import bench  # pylint: disable=g-import-not-at-top
+  bench = load_benchmark()
   out = tmp_path / "train.json"
   synthetic = ["data.source=synthetic", "data.synthetic_users=300", "data.synthetic_items=500",
                "data.synthetic_interactions=5000", "data.split=random", "features.age=False",
@@ -140,7 +143,7 @@ def test_training_benchmark_compares_sparse_with_dense(tmp_path, capsys):
 
 def test_sharding_needs_rows_that_split(data_dir):
   cfg = make_config(data_dir, **{"train.shard_embeddings": True})
-  prep = train.prepare(cfg)
+  prep = input_pipeline.prepare(cfg)
   tx = train.create_optimizer(cfg.optimizer, 10)
   # A device count that cannot divide the user-id table: its row count plus one.
   n = dict(features.vocab_sizes(prep.encoders))["user_id"] + 1
@@ -150,12 +153,12 @@ def test_sharding_needs_rows_that_split(data_dir):
     return jax.eval_shape(lambda: train.init_state(model, tx, prep, cfg, 0))
 
   with pytest.raises(ValueError, match=f"table_rows_multiple to a multiple of {n}"):
-    train.state_shardings(abstract_state(train.create_model(cfg, prep)), mesh, True)
+    sharding.state_shardings(abstract_state(model_lib.create_model(cfg.model, features.vocab_sizes(prep.encoders))), mesh, True)
   cfg.model.table_rows_multiple = n
-  model = train.create_model(cfg, prep)
+  model = model_lib.create_model(cfg.model, features.vocab_sizes(prep.encoders))
   assert dict(model.query.vocab_sizes)["user_id"] == n
   assert dict(model.candidate.vocab_sizes)["title"] % n == 0
-  shardings = train.state_shardings(abstract_state(model), mesh, True)
+  shardings = sharding.state_shardings(abstract_state(model), mesh, True)
   assert tuple(shardings.params["candidate"]["title"]["embedding"].spec) == ("data", None)
   assert tuple(shardings.params["candidate"]["mlp"]["dense_0"]["kernel"].spec) == ()
   # Adagrad's accumulator for the table is split like the table.
@@ -167,4 +170,4 @@ def test_sharding_needs_rows_that_split(data_dir):
 def test_table_rows_multiple_must_be_positive(data_dir):
   cfg = make_config(data_dir, **{"model.table_rows_multiple": 0})
   with pytest.raises(ValueError, match="table_rows_multiple=0: use a positive int"):
-    train.create_model(cfg, train.prepare(cfg))
+    model_lib.create_model(cfg.model, features.vocab_sizes(input_pipeline.prepare(cfg).encoders))

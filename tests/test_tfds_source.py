@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from twotower_jax import data
+from twotower_jax import config as config_lib
+from twotower_jax.data import dataset, movielens, sources, tfds_source
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +47,11 @@ def _serve(examples):
 @pytest.fixture(scope="module")
 def from_tfds(tfds, tfds_examples):
   with tfds.testing.mock_data(as_dataset_fn=_serve(tfds_examples)):
-    return data.load_tfds()
+    return tfds_source.load_tfds()
 
 
 def test_tfds_columns_equal_the_grouplens_parse(from_tfds, ml100k_dir):
-  ref = data.load_movielens_100k(ml100k_dir)
+  ref = movielens.load_movielens_100k(ml100k_dir)
   assert from_tfds.source == "tfds"
   assert from_tfds.genre_names == ref.genre_names
   assert set(from_tfds.ratings) == set(ref.ratings)
@@ -81,7 +82,7 @@ def test_tfds_genre_labels_are_mapped_by_name(tfds, tfds_examples):
              movie_genres=["Western", "Children", "Unknown"])
   examples["100k-ratings"] = [one]
   with tfds.testing.mock_data(as_dataset_fn=_serve(examples)):
-    ds = data.load_tfds()
+    ds = tfds_source.load_tfds()
   # u.genre ids: unknown 0, Children's 4, Western 18.
   np.testing.assert_array_equal(ds.movies["movie_genres"], [[0, 4, 18], [-1, -1, -1]])
   np.testing.assert_array_equal(ds.ratings["movie_genres"], [[0, 4, 18]])
@@ -91,28 +92,28 @@ def test_tfds_genre_labels_are_mapped_by_name(tfds, tfds_examples):
 def test_tfds_random_mock_data_gives_data_error(tfds):
   # Random bytes as ids must be reported, not crash with a numpy error.
   with (tfds.testing.mock_data(num_examples=4),
-        pytest.raises(data.DataError, match="feature 'user_id' holds .* expected an integer")):
-    data.load_tfds()
+        pytest.raises(dataset.DataError, match="feature 'user_id' holds .* expected an integer")):
+    tfds_source.load_tfds()
 
 
 def test_load_dispatches_to_tfds(tfds, tfds_examples, from_tfds):
-  cfg = data.default_data_config()
+  cfg = config_lib.base_config().data
   cfg.source = "tfds"
   with tfds.testing.mock_data(as_dataset_fn=_serve(tfds_examples)):
-    ds = data.load(cfg)
+    ds = sources.load_dataset(cfg)
   np.testing.assert_array_equal(ds.ratings["timestamp"], from_tfds.ratings["timestamp"])
 
 
 def test_tfds_not_prepared_and_no_download(tfds, tmp_path):
-  with pytest.raises(data.DataError, match=r"TFDS could not load movielens/100k-ratings.*Fix:"):
-    data.load_tfds(str(tmp_path), download=False)
+  with pytest.raises(dataset.DataError, match=r"TFDS could not load movielens/100k-ratings.*Fix:"):
+    tfds_source.load_tfds(str(tmp_path), download=False)
 
 
 def test_missing_tfds_extra_names_the_install_command(monkeypatch):
   monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
-  with pytest.raises(data.DataError, match=r'pip install "twotower_jax\[tfds\]"'):
-    data.load_tfds()
-  cfg = data.default_data_config()
+  with pytest.raises(dataset.DataError, match=r'pip install "twotower_jax\[tfds\]"'):
+    tfds_source.load_tfds()
+  cfg = config_lib.base_config().data
   cfg.source = "tfds"
-  with pytest.raises(data.DataError, match="source=tfds needs tensorflow-datasets"):
-    data.load(cfg)
+  with pytest.raises(dataset.DataError, match="source=tfds needs tensorflow-datasets"):
+    sources.load_dataset(cfg)

@@ -8,9 +8,13 @@ import numpy as np
 import pytest
 
 from twotower_jax import config as config_lib
-from twotower_jax import data as data_lib
 from twotower_jax import serving
 from twotower_jax import train
+from twotower_jax import input_pipeline
+from twotower_jax import sharding
+from twotower_jax import model as model_lib
+from twotower_jax import features as feat
+from twotower_jax.data import dataset
 from conftest import write_synthetic_ml100k
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -33,12 +37,12 @@ def ml100k_dir(tmp_path_factory):
 
 
 def test_epoch_batches_cover_every_example_once_and_pad_the_last():
-  idx, valid = train.epoch_batches(10, 4, seed=0, epoch=0)
+  idx, valid = input_pipeline.epoch_batches(10, 4, seed=0, epoch=0)
   assert idx.shape == (3, 4) and valid.shape == (3, 4)
   assert sorted(idx[valid].tolist()) == list(range(10))
   assert valid.sum() == 10 and not valid[2, 2:].any()
-  again, _ = train.epoch_batches(10, 4, seed=0, epoch=0)
-  other, _ = train.epoch_batches(10, 4, seed=0, epoch=1)
+  again, _ = input_pipeline.epoch_batches(10, 4, seed=0, epoch=0)
+  other, _ = input_pipeline.epoch_batches(10, 4, seed=0, epoch=1)
   np.testing.assert_array_equal(idx, again)
   assert not np.array_equal(idx, other)
 
@@ -117,12 +121,12 @@ def test_non_finite_loss_stops_with_the_step(ml100k_dir, tmp_path):
 def test_golden_first_step(ml100k_dir):
   """The initial loss and the loss after one step on fixed data are pinned."""
   cfg = tiny_config(ml100k_dir)
-  prep = train.prepare(cfg)
-  model = train.create_model(cfg, prep)
+  prep = input_pipeline.prepare(cfg)
+  model = model_lib.create_model(cfg.model, feat.vocab_sizes(prep.encoders))
   tx = train.create_optimizer(cfg.optimizer, 10)
   state = train.init_state(model, tx, prep, cfg, jax.random.key(0))
-  mesh = train.make_mesh()
-  data = train.device_data(prep, mesh)
+  mesh = sharding.make_mesh()
+  data = input_pipeline.device_data(prep, mesh)
   idx = np.arange(cfg.train.batch_size, dtype=np.int32)
   valid = np.ones(cfg.train.batch_size, bool)
   import functools  # pylint: disable=g-import-not-at-top
@@ -142,9 +146,9 @@ GOLDEN = (4.8514400, 4.8510685)  # measured once; a change means the maths chang
 
 def test_recency_weights_halve_per_half_life():
   day = 86400
-  w = train.recency_weights(np.array([100 * day, 90 * day, 80 * day, 100 * day]), 10.0)
+  w = input_pipeline.recency_weights(np.array([100 * day, 90 * day, 80 * day, 100 * day]), 10.0)
   np.testing.assert_allclose(w, [1.0, 0.5, 0.25, 1.0], rtol=1e-6)
   with pytest.raises(ValueError, match="positive number of days"):
-    train.recency_weights(np.array([1, 2]), -1.0)
-  with pytest.raises(data_lib.DataError, match="finite timestamp"):
-    train.recency_weights(np.array([1.0, np.nan]), 10.0)
+    input_pipeline.recency_weights(np.array([1, 2]), -1.0)
+  with pytest.raises(dataset.DataError, match="finite timestamp"):
+    input_pipeline.recency_weights(np.array([1.0, np.nan]), 10.0)

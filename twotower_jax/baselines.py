@@ -12,14 +12,15 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from twotower_jax import arrays
 from twotower_jax import metrics
 
 BASELINES = ("popularity", "random", "itemcf")
 
 
 def _check_interactions(user_idx, item_idx, num_users: int, num_items: int, what: str):
-  user_idx = metrics._check_indices(f"{what}_user_idx", user_idx, num_users, "num_users")
-  item_idx = metrics._check_indices(f"{what}_item_idx", item_idx, num_items, "num_items")
+  user_idx = metrics.check_indices(f"{what}_user_idx", user_idx, num_users, "num_users")
+  item_idx = metrics.check_indices(f"{what}_item_idx", item_idx, num_items, "num_items")
   if user_idx.shape != item_idx.shape:
     raise ValueError(f"{what}_user_idx {user_idx.shape} and {what}_item_idx {item_idx.shape} "
                      "must have the same length: one (user, item) pair per interaction.")
@@ -57,7 +58,7 @@ def random_scores(num_items: int, seed: int) -> metrics.ScoreFn:
   def score_fn(user_ids_B):
     u_B = np.asarray(user_ids_B, np.int32)
     b = u_B.shape[0]
-    u_P = metrics._pad_batch(u_B, metrics._bucket(b), 0)  # few shapes, few compiles
+    u_P = arrays.pad_rows(u_B, arrays.size_bucket(b), 0)  # few shapes, few compiles
     return np.asarray(_random_scores(key, u_P, num_items))[:b]
 
   return score_fn

@@ -15,8 +15,8 @@ import pathlib
 
 import numpy as np
 
-from twotower_jax import data as data_lib
 from twotower_jax import serving
+from twotower_jax.data import sources
 
 QUERY_COLUMNS = ("user_id", "raw_user_age", "bucketized_user_age", "user_gender",
                  "user_occupation_text", "user_zip_code", "timestamp")
@@ -27,8 +27,8 @@ def export_ranker(config, serving_dir: pathlib.Path, out: pathlib.Path, *, split
                   batch_size: int = 1024) -> int:
   """Writes ``out`` (CSV with a header); returns the number of candidate rows written."""
   rec = serving.load(serving_dir)
-  dataset = data_lib.load(config.data)
-  train, test = data_lib.train_test(config.data, dataset, int(config.seed))
+  dataset = sources.load_dataset(config.data)
+  train, test = sources.train_test(config.data, dataset, int(config.seed))
   cols = test if split == "test" else train
   n = len(cols["user_id"])
   if max_queries:

@@ -21,6 +21,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from twotower_jax.data import dataset
+
 Encoders = dict[str, dict[str, Any]]
 Columns = Mapping[str, np.ndarray]
 
@@ -101,7 +103,7 @@ def tokenize_titles(titles: np.ndarray, max_words: int) -> np.ndarray:
   """Lower-cased word tokens of each title, without the "(1995)" year, padded to max_words."""
   out = np.full((len(titles), max_words), "", dtype=object)
   for i, title in enumerate(titles):  # once per catalogue item, not per example
-    words = _TOKEN_RE.findall(re.sub(r"\(\d{4}\)\s*$", "", str(title)).lower())[:max_words]
+    words = _TOKEN_RE.findall(dataset.strip_title_year(title).lower())[:max_words]
     out[i, : len(words)] = words
   return out.astype(str)
 
@@ -110,6 +112,9 @@ def tokenize_titles(titles: np.ndarray, max_words: int) -> np.ndarray:
 # The encoder set of the two towers.
 
 QUERY_FEATURES = ("user_id", "age", "gender", "occupation", "time")
+# The raw column each query feature is encoded from.
+QUERY_COLUMNS = {"user_id": "user_id", "age": "raw_user_age", "gender": "user_gender",
+                 "occupation": "user_occupation_text", "time": "timestamp"}
 CANDIDATE_FEATURES = ("title", "genres", "title_words", "release_year")
 
 
@@ -155,6 +160,11 @@ def _require(cols: Columns, name: str, flag: str) -> None:
     raise ValueError(
         f"Feature column {name!r} is not in this data set (it has {sorted(cols)}); "
         f"turn the feature off with --config.{flag}=False.")
+
+
+def query_columns(enc: Encoders) -> list[str]:
+  """The raw columns a query needs for these encoders."""
+  return [col for name, col in QUERY_COLUMNS.items() if name in enc]
 
 
 def encode_queries(enc: Encoders, cols: Columns) -> dict[str, np.ndarray]:

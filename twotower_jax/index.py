@@ -51,6 +51,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from twotower_jax.arrays import KeyIndex
+
 Array = jax.Array
 ExcludeArg = Any  # [B, E] int array with -1 padding, or (indptr_B1, indices) CSR.
 
@@ -351,6 +353,54 @@ def _exact_top_k(q, c, exclude, allow_N, *, k, k1, block, tile, chunk, q_tile, p
   return v.reshape(-1, k)[:num_q], i.reshape(-1, k)[:num_q]
 
 
+def _check_inputs(q_BxD: Array, c_NxD: Array, k: Any) -> int:
+  """``k`` as an int, once the queries and candidates are known to fit together."""
+  if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+    raise ValueError(f"k must be a positive int, got {k!r}.")
+  if getattr(q_BxD, "ndim", None) != 2 or getattr(c_NxD, "ndim", None) != 2:
+    raise ValueError(
+      f"exact_top_k needs q_BxD and c_NxD as 2-D arrays; got shapes "
+      f"{getattr(q_BxD, 'shape', None)} and {getattr(c_NxD, 'shape', None)}."
+    )
+  dim, cdim = q_BxD.shape[1], c_NxD.shape[1]
+  if dim != cdim:
+    raise ValueError(
+      f"query dim {dim} != candidate dim {cdim}; queries and candidates must come "
+      "from towers with the same output size."
+    )
+  if not jnp.issubdtype(c_NxD.dtype, jnp.floating):
+    raise TypeError(f"candidates must be float32 or bfloat16, got {c_NxD.dtype}; cast them, "
+                    "e.g. c_NxD.astype(jnp.float32).")
+  if not jnp.issubdtype(q_BxD.dtype, jnp.floating):
+    raise TypeError(f"queries must be floating point, got {q_BxD.dtype}; cast them, e.g. "
+                    "q_BxD.astype(jnp.float32).")
+  return int(k)
+
+
+def _resolve_sizes(chunk_size: int | None, block_size: int | None, tile_size: int | None
+                   ) -> tuple[int, int, int]:
+  """(block, tile, chunk): the given sizes, the rest from ``default_sizes()``."""
+  sizes = default_sizes()
+  block = int(block_size or sizes["block"])
+  if block < 1:
+    raise ValueError(f"block_size must be >= 1, got {block}.")
+  if tile_size:
+    tile = int(tile_size)
+  elif chunk_size and chunk_size <= sizes["tile"]:
+    tile = int(chunk_size)
+  else:  # the largest multiple of block <= the default tile (dividing chunk_size if given)
+    steps = range(max(block, sizes["tile"] - sizes["tile"] % block), 0, -block)
+    tile = next((t for t in steps if not chunk_size or chunk_size % t == 0), block)
+  chunk = int(chunk_size or max(tile, sizes["chunk"] - sizes["chunk"] % tile))
+  if tile < 1 or tile % block or chunk % tile:
+    raise ValueError(
+      f"need tile_size a multiple of block_size and chunk_size a "
+      f"multiple of tile_size; got block={block}, tile={tile}, chunk={chunk}. "
+      f"Defaults here: {sizes}."
+    )
+  return block, tile, chunk
+
+
 def exact_top_k(
   q_BxD: Array,
   c_NxD: Array,
@@ -389,44 +439,9 @@ def exact_top_k(
 
   Works under `jax.jit` with k, the sizes and precision static.
   """
-  if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-    raise ValueError(f"k must be a positive int, got {k!r}.")
-  k = int(k)
-  if getattr(q_BxD, "ndim", None) != 2 or getattr(c_NxD, "ndim", None) != 2:
-    raise ValueError(
-      f"exact_top_k needs q_BxD and c_NxD as 2-D arrays; got shapes "
-      f"{getattr(q_BxD, 'shape', None)} and {getattr(c_NxD, 'shape', None)}."
-    )
-  (num_q, dim), (n, cdim) = q_BxD.shape, c_NxD.shape
-  if dim != cdim:
-    raise ValueError(
-      f"query dim {dim} != candidate dim {cdim}; queries and candidates must come "
-      "from towers with the same output size."
-    )
-  if not jnp.issubdtype(c_NxD.dtype, jnp.floating):
-    raise TypeError(f"candidates must be float32 or bfloat16, got {c_NxD.dtype}; cast them, "
-                    "e.g. c_NxD.astype(jnp.float32).")
-  if not jnp.issubdtype(q_BxD.dtype, jnp.floating):
-    raise TypeError(f"queries must be floating point, got {q_BxD.dtype}; cast them, e.g. "
-                    "q_BxD.astype(jnp.float32).")
-  sizes = default_sizes()
-  block = int(block_size or sizes["block"])
-  if block < 1:
-    raise ValueError(f"block_size must be >= 1, got {block}.")
-  if tile_size:
-    tile = int(tile_size)
-  elif chunk_size and chunk_size <= sizes["tile"]:
-    tile = int(chunk_size)
-  else:  # the largest multiple of block <= the default tile (dividing chunk_size if given)
-    steps = range(max(block, sizes["tile"] - sizes["tile"] % block), 0, -block)
-    tile = next((t for t in steps if not chunk_size or chunk_size % t == 0), block)
-  chunk = int(chunk_size or max(tile, sizes["chunk"] - sizes["chunk"] % tile))
-  if tile < 1 or tile % block or chunk % tile:
-    raise ValueError(
-      f"need tile_size a multiple of block_size and chunk_size a "
-      f"multiple of tile_size; got block={block}, tile={tile}, chunk={chunk}. "
-      f"Defaults here: {sizes}."
-    )
+  k = _check_inputs(q_BxD, c_NxD, k)
+  (num_q, dim), n = q_BxD.shape, c_NxD.shape[0]
+  block, tile, chunk = _resolve_sizes(chunk_size, block_size, tile_size)
   if allow_N is not None:
     if getattr(allow_N, "shape", None) != (n,) or allow_N.dtype != jnp.bool_:
       raise ValueError(
@@ -496,14 +511,6 @@ def _dense_top_k(q, c, exclude, allow_N, *, k, precision):
 # Index over ids.
 
 
-def _ids_to_rows(sorted_ids: np.ndarray, order: np.ndarray, ids: np.ndarray) -> np.ndarray:
-  """Row of each id, -1 for ids not in the index."""
-  pos = np.searchsorted(sorted_ids, ids)
-  pos_c = np.minimum(pos, len(sorted_ids) - 1)
-  found = (pos < len(sorted_ids)) & (sorted_ids[pos_c] == ids)
-  return np.where(found, order[pos_c], -1)
-
-
 def _looks_like_csr(exclude: Any, num_queries: int) -> bool:
   if not (isinstance(exclude, tuple) and len(exclude) == 2 and np.ndim(exclude[0]) == 1):
     return False
@@ -557,8 +564,7 @@ class BruteForceIndex:
   embeddings_NxD: Array
   ids_N: np.ndarray
   titles_N: np.ndarray | None = None
-  _sorted_ids: np.ndarray = dataclasses.field(init=False, repr=False)
-  _order: np.ndarray = dataclasses.field(init=False, repr=False)
+  _keys: KeyIndex = dataclasses.field(init=False, repr=False)
 
   def __post_init__(self):
     emb = self.embeddings_NxD
@@ -582,8 +588,8 @@ class BruteForceIndex:
     ids = ids.astype(np.int64)
     if ids.size and ids.min() < 0:
       raise ValueError("ids must be >= 0 (-1 marks a missing result); remap negative ids.")
-    order = np.argsort(ids, kind="stable")
-    sorted_ids = ids[order]
+    keys = KeyIndex.build(ids)
+    sorted_ids = keys.sorted_N
     dup = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]]
     if dup.size:
       raise ValueError(
@@ -600,8 +606,7 @@ class BruteForceIndex:
     object.__setattr__(self, "embeddings_NxD", emb)
     object.__setattr__(self, "ids_N", ids)
     object.__setattr__(self, "titles_N", titles)
-    object.__setattr__(self, "_sorted_ids", sorted_ids)
-    object.__setattr__(self, "_order", order.astype(np.int64))
+    object.__setattr__(self, "_keys", keys)
 
   def __len__(self) -> int:
     return int(self.ids_N.shape[0])
@@ -609,9 +614,7 @@ class BruteForceIndex:
   def rows(self, ids: Any) -> np.ndarray:
     """Row index of each id (any shape), -1 for unknown ids."""
     ids = np.asarray(ids, np.int64)
-    if len(self) == 0:
-      return np.full(ids.shape, -1, np.int64)
-    return _ids_to_rows(self._sorted_ids, self._order, ids)
+    return self._keys.rows(ids)
 
   def search(
     self,
@@ -665,79 +668,11 @@ class BruteForceIndex:
     return np.where(rows >= 0, t, "")
 
 
-# ----------------------------------------------------------------------------
-# Optional FAISS comparison.
-
-
-def _faiss():
-  try:
-    import faiss
-  except ImportError as e:
-    raise ImportError(
-      "FAISS is optional; install it with `pip install 'twotower_jax[faiss]'` (faiss-cpu)."
-    ) from e
-  return faiss
-
-
-def to_faiss(index: BruteForceIndex, kind: str = "flat", nlist: int = 1024, nprobe: int = 16):
-  """A FAISS inner-product index over `index`'s embeddings; labels are row indices.
-
-  kind: 'flat' (IndexFlatIP, exact) or 'ivf' (IndexIVFFlat with `nlist`
-  lists, searching `nprobe` of them; trained on the embeddings).
-  """
-  faiss = _faiss()
-  x = np.ascontiguousarray(np.asarray(index.embeddings_NxD, np.float32))
-  d = x.shape[1]
-  if kind == "flat":
-    fi = faiss.IndexFlatIP(d)
-  elif kind == "ivf":
-    if not 1 <= nlist <= len(index):
-      raise ValueError(f"nlist must be in [1, N={len(index)}], got {nlist}.")
-    fi = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-    fi.train(x)
-    fi.nprobe = int(nprobe)
-  else:
-    raise ValueError(f"kind must be 'flat' or 'ivf', got {kind!r}.")
-  fi.add(x)
-  return fi
-
-
-def faiss_recall_at_k(index: BruteForceIndex, faiss_index, q_BxD: Any, k: int) -> float:
-  """Recall@k of `faiss_index` against the exact top-k of `index`.
-
-  Mean over queries of |faiss top-k ∩ exact top-k| / |exact top-k|.
-  """
-  _faiss()
-  q = np.ascontiguousarray(np.asarray(q_BxD, np.float32))
-  _, exact_rows = exact_top_k(q, index.embeddings_NxD, k)
-  _, f_rows = faiss_index.search(q, k)
-  exact_rows = np.asarray(exact_rows)
-  hits, total = 0, 0
-  for e, f in zip(exact_rows, f_rows):
-    e = e[e >= 0]
-    hits += np.intersect1d(e, f[f >= 0]).size
-    total += e.size
-  return hits / max(total, 1)
-
-
 __all__: Sequence[str] = (
   "BruteForceIndex",
   "csr_to_padded",
   "dedupe_ids",
   "default_sizes",
   "exact_top_k",
-  "faiss_recall_at_k",
-  "to_faiss",
 )
 
-
-def load(path):
-  """Loads a serving directory: ``index.load(path).recommend(features, k)``.
-
-  The directory (``<workdir>/serving``) holds the feature encoders, the query
-  tower's parameters and the candidate embeddings, ids and titles; see
-  `twotower_jax.serving` for the layout. Nothing of training is needed.
-  """
-  from twotower_jax import serving  # pylint: disable=g-import-not-at-top
-
-  return serving.load(path)

@@ -86,12 +86,12 @@ def run(argv) -> None:
         explicit = {"coordinator_address": config.coordinator_address,
                     "num_processes": config.num_processes, "process_id": config.process_id}
       jax.distributed.initialize(**explicit)
-    from twotower_jax import train  # pylint: disable=g-import-not-at-top
-    train.configure_cpu_devices(config.cpu_devices, config.train.batch_size)
+    from twotower_jax import report, sharding, train  # pylint: disable=g-import-not-at-top
+    sharding.configure_cpu_devices(config.cpu_devices, config.train.batch_size)
     metrics = train.train_and_evaluate(config, str(workdir))
     if jax.process_index() != 0:  # process 0 reports and wrote the serving files
       return
-    print_summary(metrics)
+    report.print_summary(metrics)
     from twotower_jax import serving  # pylint: disable=g-import-not-at-top
     rec = serving.load(workdir / "serving")
     some_user = int(rec.users["user_id"][0])
@@ -115,38 +115,10 @@ def run(argv) -> None:
 def _recommend(workdir: pathlib.Path) -> None:
   from twotower_jax import serving  # pylint: disable=g-import-not-at-top
   rec = serving.load(workdir)
-  explicit = {"raw_user_age": _AGE.value, "user_gender": _GENDER.value,
-              "user_occupation_text": _OCCUPATION.value, "timestamp": _TIME.value}
-  if _USER_ID.value is not None:
-    feats = rec.user_features([_USER_ID.value])
-    feats["user_id"] = [_USER_ID.value]
-    for k, v in explicit.items():  # explicit values override the user's own
-      if v is not None:
-        feats[k] = [v]
-    user = _USER_ID.value
-  else:
-    needed = set(serving._needed_columns(rec.encoders))  # pylint: disable=protected-access
-    missing = [f"--{flag}" for flag, (col, v) in zip(("age", "gender", "occupation", "time"),
-                                                     explicit.items())
-               if v is None and col in needed]
-    if missing:
-      raise UsageError(f"recommend needs --user_id or all of --age --gender --occupation "
-                       f"--time; missing {' '.join(missing)}.")
-    if "user_id" in rec.encoders:
-      raise UsageError("This model uses the user id as a feature: pass --user_id.")
-    feats = {k: [v] for k, v in explicit.items() if v is not None}
-    user = None
-  if "user_gender" in feats:
-    feats["user_gender"] = [g in ("M", True, 1) for g in feats["user_gender"]]
-  occ = feats.get("user_occupation_text")
-  if occ is not None and "occupation" in rec.encoders and not _ALLOW_UNKNOWN.value:
-    known = [str(v) for v in rec.known_values("occupation")]
-    if str(occ[0]) not in known:
-      from twotower_jax.config import suggest  # pylint: disable=g-import-not-at-top
-      raise UsageError(f"Unknown occupation {occ[0]!r}.{suggest(str(occ[0]), known)} Known: "
-                       f"{', '.join(sorted(known))}. Pass --allow_unknown to score it as "
-                       "out-of-vocabulary.")
-  _print_recs(rec, feats, _TOP_N.value, exclude_rated=_EXCLUDE_RATED.value, user=user,
+  feats = rec.query(user_id=_USER_ID.value, age=_AGE.value, gender=_GENDER.value,
+                    occupation=_OCCUPATION.value, time=_TIME.value,
+                    allow_unknown=_ALLOW_UNKNOWN.value)
+  _print_recs(rec, feats, _TOP_N.value, exclude_rated=_EXCLUDE_RATED.value, user=_USER_ID.value,
               bottom_n=_BOTTOM_N.value)
 
 
@@ -164,24 +136,6 @@ def _print_recs(rec, feats, top_n: int, *, exclude_rated: bool, user, bottom_n: 
       print(f"  {rank:3d}. {score:8.3f}  {title}  [{', '.join(genres)}]")
 
 
-def print_summary(metrics) -> None:
-  """Top-k accuracy of the model beside the baselines, under both protocols."""
-  ks = (1, 5, 10, 50, 100)
-  names = [("model", "")] + [(b, f"{b}/") for b in ("popularity", "itemcf")
-                             if f"{b}/include_seen/hr_1" in metrics]
-  for proto, title in (("include_seen", "top-k accuracy (TFRS protocol, seen items kept)"),
-                       ("exclude_seen", "top-k accuracy, the user's training items excluded")):
-    print(f"\n{title}\n" + " " * 12 + "".join(f"{'top-' + str(k):>9}" for k in ks))
-    for name, pre in names:
-      vals = [metrics.get(f"{pre}{proto}/hr_{k}") for k in ks]
-      print(f"{name:<12}" + "".join(f"{v:9.4f}" if v is not None else f"{'-':>9}"
-                                    for v in vals))
-  if metrics.get("examples_per_second"):
-    print(f"\ntrain {metrics['train_seconds']:.1f} s ({metrics['examples_per_second']:,.0f} "
-          f"examples/s on {metrics['devices']} {metrics['backend']} device(s)), "
-          f"eval {metrics['eval_seconds']:.1f} s")
-
-
 def main() -> None:
   """Entry point: flags errors and bad input print a one-line error, exit status 2."""
   def parse(argv):
@@ -197,12 +151,12 @@ def main() -> None:
   def guarded(argv):
     if not flags.FLAGS["verbosity"].present:  # library INFO logs (orbax) only on request
       logging.set_verbosity(logging.WARNING)
-    from twotower_jax import data as data_lib  # pylint: disable=g-import-not-at-top
     from twotower_jax import serving  # pylint: disable=g-import-not-at-top
     from twotower_jax import train  # pylint: disable=g-import-not-at-top
+    from twotower_jax.data import dataset  # pylint: disable=g-import-not-at-top
     try:
       run(argv)
-    except (UsageError, data_lib.DataError, serving.ServingError, train.NonFiniteLossError,
+    except (UsageError, dataset.DataError, serving.ServingError, train.NonFiniteLossError,
             FileNotFoundError) as e:
       logging.flush()
       print(f"error: {e}", file=sys.stderr)

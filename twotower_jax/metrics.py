@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from twotower_jax import arrays
 from twotower_jax import index
 
 DEFAULT_KS = (1, 5, 10, 50, 100)
@@ -46,7 +47,7 @@ def _check_ks(ks: Sequence[int], n: int | None = None) -> tuple[int, ...]:
   return tuple(sorted(ks))
 
 
-def _check_indices(name: str, x: np.ndarray, n: int, n_name: str) -> np.ndarray:
+def check_indices(name: str, x: np.ndarray, n: int, n_name: str) -> np.ndarray:
   x = np.asarray(x)
   if x.ndim != 1 or not np.issubdtype(x.dtype, np.integer):
     raise ValueError(f"{name} must be a 1-D integer array, got shape {x.shape} dtype {x.dtype}; "
@@ -149,7 +150,7 @@ def true_ranks(q_BxD, c_NxD, true_B, *, exclude_BxE=None,
     raise ValueError(f"q_BxD {q_BxD.shape} and c_NxD {c_NxD.shape} must be 2-D with the same "
                      "embedding size D; pass the query and candidate tower outputs.")
   b, n = q_BxD.shape[0], c_NxD.shape[0]
-  true_B = _check_indices("true_B", true_B, n, "N")
+  true_B = check_indices("true_B", true_B, n, "N")
   if true_B.shape[0] != b:
     raise ValueError(f"true_B has {true_B.shape[0]} entries for B={b} queries; pass one true "
                      "candidate index per query.")
@@ -167,18 +168,6 @@ def true_ranks(q_BxD, c_NxD, true_B, *, exclude_BxE=None,
   return np.asarray(ranks_B)
 
 
-def _bucket(b: int) -> int:
-  """Smallest power of two >= b (>= 8): few distinct shapes, so few compiles."""
-  return max(8, 1 << (int(b) - 1).bit_length())
-
-
-def _pad_batch(x: np.ndarray, size: int, fill) -> np.ndarray:
-  if x.shape[0] == size:
-    return x
-  pad = np.full((size - x.shape[0],) + x.shape[1:], fill, x.dtype)
-  return np.concatenate([x, pad])
-
-
 def true_ranks_batched(q_BxD, c_NxD, true_B, *, exclude_BxE=None, batch_size: int = 1024,
                        chunk_size: int | None = None) -> np.ndarray:
   """`true_ranks` over query batches of `batch_size` (last one padded: one compile)."""
@@ -193,9 +182,9 @@ def true_ranks_batched(q_BxD, c_NxD, true_B, *, exclude_BxE=None, batch_size: in
   for s in range(0, b, batch_size):
     m = min(batch_size, b - s)
     size = min(batch_size, b)
-    ex = None if exclude_BxE is None else _pad_batch(exclude_BxE[s:s + m], size, -1)
-    r = true_ranks(_pad_batch(q_BxD[s:s + m], size, 0), c_NxD,
-                   _pad_batch(true_B[s:s + m], size, 0), exclude_BxE=ex, chunk_size=chunk_size)
+    ex = None if exclude_BxE is None else arrays.pad_rows(exclude_BxE[s:s + m], size, -1)
+    r = true_ranks(arrays.pad_rows(q_BxD[s:s + m], size, 0), c_NxD,
+                   arrays.pad_rows(true_B[s:s + m], size, 0), exclude_BxE=ex, chunk_size=chunk_size)
     out.append(r[:m])
   return np.concatenate(out) if out else np.zeros((0,), np.int32)
 
@@ -218,7 +207,7 @@ def true_ranks_from_scores(scores_BxN, true_B, exclude_BxE=None) -> np.ndarray:
   if scores_BxN.ndim != 2:
     raise ValueError(f"scores_BxN must be 2-D [B, N], got shape {scores_BxN.shape}.")
   b, n = scores_BxN.shape
-  true_B = _check_indices("true_B", true_B, n, "N")
+  true_B = check_indices("true_B", true_B, n, "N")
   if true_B.shape[0] != b:
     raise ValueError(f"true_B has {true_B.shape[0]} entries for B={b} score rows; pass one "
                      "true index per score row.")
@@ -372,7 +361,7 @@ def aggregate_seeds(metric_dicts: Sequence[Mapping[str, float]]) -> dict[str, fl
 
 def seen_csr(user_idx, item_idx, num_users: int) -> tuple[np.ndarray, np.ndarray]:
   """CSR of each user's distinct (training) items: user u's are items[indptr[u]:indptr[u+1]]."""
-  user_idx = _check_indices("user_idx", user_idx, num_users, "num_users")
+  user_idx = check_indices("user_idx", user_idx, num_users, "num_users")
   item_idx = np.asarray(item_idx)
   if item_idx.shape != user_idx.shape or not np.issubdtype(item_idx.dtype, np.integer):
     raise ValueError(f"item_idx {item_idx.shape} must be integer and match user_idx "
@@ -408,6 +397,90 @@ def _top_k_masked(scores_BxN, mask_BxN, k):
   return jnp.where(taken_Bxk, -1, idx_Bxk)
 
 
+def _check_protocol_inputs(true_B, user_ids_B, seen_indptr, seen_items, item_counts_N, ks,
+                           q_BxD, c_NxD, score_fn, batch_size):
+  """``evaluate_protocols``' arguments, checked and as arrays."""
+  use_embeddings = q_BxD is not None or c_NxD is not None
+  if (score_fn is not None) == use_embeddings or (
+      use_embeddings and (q_BxD is None or c_NxD is None)):
+    raise ValueError("Pass either both q_BxD and c_NxD (model embeddings) or score_fn "
+                     "(a baseline), not both and not neither.")
+  counts_N = np.asarray(item_counts_N)
+  n = counts_N.shape[0]
+  if counts_N.ndim != 1:
+    raise ValueError(f"item_counts_N must be 1-D (one training count per candidate), got "
+                     f"{counts_N.shape}.")
+  if c_NxD is not None:
+    c_NxD = jnp.asarray(c_NxD)
+    if c_NxD.shape[0] != n:
+      raise ValueError(f"c_NxD has {c_NxD.shape[0]} candidates but item_counts_N has {n}; "
+                       "both must cover the same full corpus.")
+  ks = _check_ks(ks, n)
+  true_B = check_indices("true_B", true_B, n, "N")
+  seen_indptr = np.asarray(seen_indptr)
+  seen_items = np.asarray(seen_items)
+  user_ids_B = check_indices("user_ids_B", user_ids_B, seen_indptr.shape[0] - 1,
+                             "num_users (len(seen_indptr) - 1)")
+  if user_ids_B.shape != true_B.shape:
+    raise ValueError(f"user_ids_B {user_ids_B.shape} and true_B {true_B.shape} must match: "
+                     "one user and one true candidate per test interaction.")
+  if q_BxD is not None and np.shape(q_BxD)[0] != true_B.shape[0]:
+    raise ValueError(f"q_BxD has {np.shape(q_BxD)[0]} rows for {true_B.shape[0]} test "
+                     "interactions; pass one query embedding per test interaction.")
+  if seen_items.size and (seen_items.min() < 0 or seen_items.max() >= n):
+    raise ValueError(f"seen_items must be candidate indices in [0, N={n}).")
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1.")
+  return true_B, user_ids_B, seen_indptr, seen_items, counts_N, c_NxD, ks
+
+
+def _score_fn_batch(score_fn, users_b, true_b, seen_indptr, seen_items, width, counts_N, kmax):
+  """Ranks and top-k statistics of a batch under each protocol, from a score function.
+
+  Each distinct user of the batch is scored once; its top-k list is weighted by its
+  number of interactions in the batch.
+  """
+  n = counts_N.shape[0]
+  uniq_u, inv_b = np.unique(users_b, return_inverse=True)
+  inv_b = inv_b.reshape(-1)
+  u = uniq_u.shape[0]
+  scores_uxN = np.asarray(score_fn(uniq_u))
+  if scores_uxN.shape != (u, n):
+    raise ValueError(f"score_fn returned shape {scores_uxN.shape}, expected ({u}, {n}): "
+                     "one row of N candidate scores per user passed.")
+  if np.isnan(scores_uxN).any():
+    raise ValueError("score_fn returned NaN scores; fix it (use -inf, not NaN, for "
+                     "candidates it rules out).")
+  excl_uxE = gather_csr(seen_indptr, seen_items, uniq_u, width)
+  weight_u = np.bincount(inv_b, minlength=u)
+  out = {}
+  for p, ex_uxE in (("include_seen", None), ("exclude_seen", excl_uxE)):
+    mask_uxN = _exclusion_mask(ex_uxE, u, n)
+    t_b = scores_uxN[inv_b, true_b]
+    higher_bxN = (scores_uxN[inv_b] > t_b[:, None]) & ~mask_uxN[inv_b]
+    bucket = arrays.size_bucket(u)
+    topk_uxk = np.asarray(_top_k_masked(arrays.pad_rows(scores_uxN, bucket, 0),
+                                        arrays.pad_rows(mask_uxN, bucket, False), kmax))[:u]
+    # The true one is never higher than itself.
+    out[p] = (higher_bxN.sum(1), _topk_stats(topk_uxk, counts_N, weight_u))
+  return out
+
+
+def _embedding_batch(q_bxD, c_NxD, true_b, excl_bxE, size, counts_N, kmax, chunk_size):
+  """Ranks and top-k statistics of a batch under each protocol, from embeddings
+  (the batch padded to ``size`` rows: one compiled shape)."""
+  m = q_bxD.shape[0]
+  q_bxD = arrays.pad_rows(q_bxD, size, 0)
+  true_p = arrays.pad_rows(true_b, size, 0)
+  out = {}
+  for p, ex in (("include_seen", None), ("exclude_seen", excl_bxE)):
+    ex_p = None if ex is None else arrays.pad_rows(ex, size, -1)
+    ranks_b = true_ranks(q_bxD, c_NxD, true_p, exclude_BxE=ex_p, chunk_size=chunk_size)[:m]
+    _, topk = index.exact_top_k(q_bxD, c_NxD, kmax, exclude=ex_p)
+    out[p] = (ranks_b, _topk_stats(np.asarray(topk)[:m], counts_N))
+  return out
+
+
 def evaluate_protocols(true_B, user_ids_B, seen_indptr, seen_items, item_counts_N, *,
                        ks: Sequence[int] = DEFAULT_KS, q_BxD=None, c_NxD=None,
                        score_fn: ScoreFn | None = None, batch_size: int = 1024,
@@ -433,38 +506,10 @@ def evaluate_protocols(true_B, user_ids_B, seen_indptr, seen_items, item_counts_
     (= `include_seen/hr_{k}`). Top-k lists are one per test interaction (a user
     with several test interactions contributes several lists to avg_pop_k).
   """
-  use_embeddings = q_BxD is not None or c_NxD is not None
-  if (score_fn is not None) == use_embeddings or (
-      use_embeddings and (q_BxD is None or c_NxD is None)):
-    raise ValueError("Pass either both q_BxD and c_NxD (model embeddings) or score_fn "
-                     "(a baseline), not both and not neither.")
-  counts_N = np.asarray(item_counts_N)
-  n = counts_N.shape[0]
-  if counts_N.ndim != 1:
-    raise ValueError(f"item_counts_N must be 1-D (one training count per candidate), got "
-                     f"{counts_N.shape}.")
-  if c_NxD is not None:
-    c_NxD = jnp.asarray(c_NxD)
-    if c_NxD.shape[0] != n:
-      raise ValueError(f"c_NxD has {c_NxD.shape[0]} candidates but item_counts_N has {n}; "
-                       "both must cover the same full corpus.")
-  ks = _check_ks(ks, n)
+  true_B, user_ids_B, seen_indptr, seen_items, counts_N, c_NxD, ks = _check_protocol_inputs(
+      true_B, user_ids_B, seen_indptr, seen_items, item_counts_N, ks, q_BxD, c_NxD, score_fn,
+      batch_size)
   kmax = max(ks)
-  true_B = _check_indices("true_B", true_B, n, "N")
-  seen_indptr = np.asarray(seen_indptr)
-  seen_items = np.asarray(seen_items)
-  user_ids_B = _check_indices("user_ids_B", user_ids_B, seen_indptr.shape[0] - 1,
-                              "num_users (len(seen_indptr) - 1)")
-  if user_ids_B.shape != true_B.shape:
-    raise ValueError(f"user_ids_B {user_ids_B.shape} and true_B {true_B.shape} must match: "
-                     "one user and one true candidate per test interaction.")
-  if q_BxD is not None and np.shape(q_BxD)[0] != true_B.shape[0]:
-    raise ValueError(f"q_BxD has {np.shape(q_BxD)[0]} rows for {true_B.shape[0]} test "
-                     "interactions; pass one query embedding per test interaction.")
-  if seen_items.size and (seen_items.min() < 0 or seen_items.max() >= n):
-    raise ValueError(f"seen_items must be candidate indices in [0, N={n}).")
-  if batch_size < 1:
-    raise ValueError(f"batch_size={batch_size} must be >= 1.")
   b_total = true_B.shape[0]
   # One exclusion width for every batch keeps a single compiled shape.
   seen_len = np.diff(seen_indptr)[user_ids_B]
@@ -482,37 +527,15 @@ def evaluate_protocols(true_B, user_ids_B, seen_indptr, seen_items, item_counts_
     rows_b = np.arange(s, s + m) if order_B is None else order_B[s:s + m]
     users_b, true_b = user_ids_B[rows_b], true_B[rows_b]
     if score_fn is not None:
-      uniq_u, inv_b = np.unique(users_b, return_inverse=True)
-      inv_b = inv_b.reshape(-1)
-      u = uniq_u.shape[0]
-      scores_uxN = np.asarray(score_fn(uniq_u))
-      if scores_uxN.shape != (u, n):
-        raise ValueError(f"score_fn returned shape {scores_uxN.shape}, expected ({u}, {n}): "
-                         "one row of N candidate scores per user passed.")
-      if np.isnan(scores_uxN).any():
-        raise ValueError("score_fn returned NaN scores; fix it (use -inf, not NaN, for "
-                         "candidates it rules out).")
-      excl_uxE = gather_csr(seen_indptr, seen_items, uniq_u, width)
-      weight_u = np.bincount(inv_b, minlength=u)
-      for p, ex_uxE in (("include_seen", None), ("exclude_seen", excl_uxE)):
-        mask_uxN = _exclusion_mask(ex_uxE, u, n)
-        t_b = scores_uxN[inv_b, true_b]
-        higher_bxN = (scores_uxN[inv_b] > t_b[:, None]) & ~mask_uxN[inv_b]
-        ranks[p][rows_b] = higher_bxN.sum(1)  # the true one is never higher than itself
-        bucket = _bucket(u)
-        topk_uxk = np.asarray(_top_k_masked(_pad_batch(scores_uxN, bucket, 0),
-                                            _pad_batch(mask_uxN, bucket, False), kmax))[:u]
-        stats[p] = _merge(stats[p], _topk_stats(topk_uxk, counts_N, weight_u))
+      batch = _score_fn_batch(score_fn, users_b, true_b, seen_indptr, seen_items, width,
+                              counts_N, kmax)
     else:
       excl_bxE = gather_csr(seen_indptr, seen_items, users_b, width)
-      q_bxD = _pad_batch(np.asarray(q_BxD[s:s + m]), size, 0)
-      true_p = _pad_batch(true_b, size, 0)
-      for p, ex in (("include_seen", None), ("exclude_seen", excl_bxE)):
-        ex_p = None if ex is None else _pad_batch(ex, size, -1)
-        ranks[p][rows_b] = true_ranks(q_bxD, c_NxD, true_p, exclude_BxE=ex_p,
-                                      chunk_size=chunk_size)[:m]
-        _, topk = index.exact_top_k(q_bxD, c_NxD, kmax, exclude=ex_p)
-        stats[p] = _merge(stats[p], _topk_stats(np.asarray(topk)[:m], counts_N))
+      batch = _embedding_batch(np.asarray(q_BxD[s:s + m]), c_NxD, true_b, excl_bxE, size,
+                               counts_N, kmax, chunk_size)
+    for p, (ranks_b, stats_b) in batch.items():
+      ranks[p][rows_b] = ranks_b
+      stats[p] = _merge(stats[p], stats_b)
 
   out = {}
   for p in PROTOCOLS:

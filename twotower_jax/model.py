@@ -7,12 +7,16 @@ it reproduces.
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from twotower_jax import arrays
+from twotower_jax import sparse
 from twotower_jax.features import PAD
 
 _embed_init = nn.initializers.uniform(scale=0.1)  # shifted below to (-0.05, 0.05)
@@ -169,9 +173,20 @@ class TwoTower(nn.Module):
 
 
 def create_model(model_cfg, sizes: Mapping[str, int]) -> TwoTower:
-  """Builds the two towers from ``config.model`` and the encoders' vocabulary sizes."""
+  """The two towers from ``config.model`` and the encoders' vocabulary sizes.
+
+  The user-id and title tables are padded with unused rows up to a multiple of
+  ``model.table_rows_multiple`` (so that they split evenly over devices).
+  """
   m = model_cfg
-  sizes = tuple(sorted(dict(sizes).items()))
+  mult = m.table_rows_multiple
+  if mult < 1:
+    raise ValueError(f"model.table_rows_multiple={mult}: use a positive int (1: no padding).")
+  sizes = dict(sizes)
+  for _, name, _, _ in sparse.TABLES:
+    if name in sizes:
+      sizes[name] = -(-sizes[name] // mult) * mult
+  sizes = tuple(sorted(sizes.items()))
   return TwoTower(
       query=QueryTower(
           vocab_sizes=sizes, mlp=tuple(m.mlp), user_dim=m.user_dim, gender_dim=m.gender_dim,
@@ -182,3 +197,34 @@ def create_model(model_cfg, sizes: Mapping[str, int]) -> TwoTower:
       learn_temperature=m.learn_temperature,
       init_temperature=m.temperature,
   )
+
+
+# ----------------------------------------------------------------------------
+# Applying the towers to many rows (evaluation, serving).
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def embed_queries(params, xq: Mapping[str, jax.Array], *, model: TwoTower) -> jax.Array:
+  """Query embeddings [B, D] of encoded query features."""
+  return model.apply({"params": params}, xq, method=TwoTower.embed_queries)
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def embed_candidates(params, xc: Mapping[str, jax.Array], *, model: TwoTower) -> jax.Array:
+  """Candidate embeddings [B, D] of encoded candidate features."""
+  return model.apply({"params": params}, xc, method=TwoTower.embed_candidates)
+
+
+def embed_in_batches(fn, params, x: Mapping[str, np.ndarray], batch_size: int, *,
+                     model: TwoTower) -> np.ndarray:
+  """``fn`` (``embed_queries`` or ``embed_candidates``) over the rows of ``x`` in fixed-size
+  batches (the last one padded: one compiled shape); returns [N, D] on the host."""
+  n = len(next(iter(x.values())))
+  out = []
+  for start in range(0, n, batch_size):
+    chunk = {k: v[start:start + batch_size] for k, v in x.items()}
+    m = len(next(iter(chunk.values())))
+    if m < batch_size and n > batch_size:
+      chunk = {k: arrays.pad_rows(v, batch_size) for k, v in chunk.items()}
+    out.append(np.asarray(fn(params, chunk, model=model))[:m])
+  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -169,3 +169,21 @@ def _plot(agg, png: pathlib.Path) -> None:
       ax.set_title(f"{key[0]} / {key[1]} — {protocol}")
       ax.legend(fontsize="small")
   fig.savefig(png, dpi=100)
+
+
+def print_summary(metrics) -> None:
+  """Top-k accuracy of the model beside the baselines, under both protocols."""
+  ks = (1, 5, 10, 50, 100)
+  names = [("model", "")] + [(b, f"{b}/") for b in ("popularity", "itemcf")
+                             if f"{b}/include_seen/hr_1" in metrics]
+  for proto, title in (("include_seen", "top-k accuracy (TFRS protocol, seen items kept)"),
+                       ("exclude_seen", "top-k accuracy, the user's training items excluded")):
+    print(f"\n{title}\n" + " " * 12 + "".join(f"{'top-' + str(k):>9}" for k in ks))
+    for name, pre in names:
+      vals = [metrics.get(f"{pre}{proto}/hr_{k}") for k in ks]
+      print(f"{name:<12}" + "".join(f"{v:9.4f}" if v is not None else f"{'-':>9}"
+                                    for v in vals))
+  if metrics.get("examples_per_second"):
+    print(f"\ntrain {metrics['train_seconds']:.1f} s ({metrics['examples_per_second']:,.0f} "
+          f"examples/s on {metrics['devices']} {metrics['backend']} device(s)), "
+          f"eval {metrics['eval_seconds']:.1f} s")

@@ -26,7 +26,10 @@ import flax
 import jax
 import numpy as np
 
+from twotower_jax import arrays
+from twotower_jax import config as config_lib
 from twotower_jax import features as feat
+from twotower_jax import index as index_lib
 from twotower_jax import model as model_lib
 
 FORMAT_VERSION = 1
@@ -40,8 +43,6 @@ class ServingError(ValueError):
 
 def save(path: pathlib.Path, config, prep, model: model_lib.TwoTower, params) -> None:
   """Writes the serving directory for a trained model."""
-  from twotower_jax import train  # pylint: disable=g-import-not-at-top
-
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
   feat.save_encoders(prep.encoders, path)
@@ -59,8 +60,8 @@ def save(path: pathlib.Path, config, prep, model: model_lib.TwoTower, params) ->
   (path / "serving.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
   flat = flax.traverse_util.flatten_dict(jax.device_get(params["query"]), sep="/")
   np.savez(path / "query_params.npz", **{k: np.asarray(v) for k, v in flat.items()})
-  c_NxD = train.embed_in_batches(train._embed_candidates, params, prep.cand,  # pylint: disable=protected-access
-                                 config.eval.batch_size, model=model)
+  c_NxD = model_lib.embed_in_batches(model_lib.embed_candidates, params, prep.cand,
+                                     config.eval.batch_size, model=model)
   movies = prep.dataset.movies
   np.savez(path / "candidates.npz", embeddings=c_NxD.astype(np.float32),
            movie_id=np.asarray(movies["movie_id"], np.int64),
@@ -78,8 +79,8 @@ def _user_table(train: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   table = {"user_id": users.astype(np.int64),
            "rated_indptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
            "rated_movie_id": np.asarray(train["movie_id"], np.int64)[order]}
-  for col in ("raw_user_age", "user_gender", "user_occupation_text", "timestamp"):
-    if col in train:
+  for col in feat.QUERY_COLUMNS.values():
+    if col != "user_id" and col in train:
       table[col] = np.asarray(train[col])[last]
   return table
 
@@ -101,7 +102,7 @@ class Recommender:
   meta: dict[str, Any]
   encoders: feat.Encoders
   query_params: Any
-  index: Any  # twotower_jax.index.BruteForceIndex
+  index: index_lib.BruteForceIndex
   genres_N: np.ndarray
   users: dict[str, np.ndarray]
 
@@ -118,9 +119,8 @@ class Recommender:
   def user_features(self, user_ids: Sequence[int]) -> dict[str, np.ndarray]:
     """Raw query features of known users (from their latest training rating)."""
     user_ids = np.asarray(user_ids, np.int64)
-    pos = np.clip(np.searchsorted(self.users["user_id"], user_ids), 0,
-                  len(self.users["user_id"]) - 1)
-    unknown = self.users["user_id"][pos] != user_ids
+    pos = arrays.find_rows(self.users["user_id"], user_ids)
+    unknown = pos < 0
     if unknown.any():
       raise ServingError(
           f"User id {int(user_ids[unknown][0])} has no training ratings, so its features are "
@@ -130,15 +130,10 @@ class Recommender:
 
   def rated(self, user_ids: Sequence[int]) -> list[np.ndarray]:
     """Movie ids each user rated in training (an empty array for unknown users)."""
-    out = []
-    for u in np.asarray(user_ids, np.int64):
-      i = np.searchsorted(self.users["user_id"], u)
-      if i < len(self.users["user_id"]) and self.users["user_id"][i] == u:
-        ptr = self.users["rated_indptr"]
-        out.append(self.users["rated_movie_id"][ptr[i]:ptr[i + 1]])
-      else:
-        out.append(np.zeros(0, np.int64))
-    return out
+    ptr = self.users["rated_indptr"]
+    rows = arrays.find_rows(self.users["user_id"], np.asarray(user_ids, np.int64))
+    return [self.users["rated_movie_id"][ptr[i]:ptr[i + 1]] if i >= 0
+            else np.zeros(0, np.int64) for i in rows]
 
   def embed(self, features: Mapping[str, Any]) -> np.ndarray:
     """Query embeddings [Q, D] of raw feature columns (TFDS names); unknown values -> OOV."""
@@ -150,12 +145,53 @@ class Recommender:
         if oov.any():
           logging.warning("Unknown %s %r: encoded as out-of-vocabulary.", col,
                           values[oov][0].item())
-    needed = _needed_columns(self.encoders)
+    needed = feat.query_columns(self.encoders)
     missing = [c for c in needed if c not in cols]
     if missing:
       raise ServingError(f"Query features missing: {missing}. This model needs {needed}.")
     xq = feat.encode_queries(self.encoders, cols)
     return np.asarray(_apply_query(self.tower, self.query_params, xq))
+
+  def query(self, *, user_id: int | None = None, age: float | None = None,
+            gender: str | None = None, occupation: str | None = None,
+            time: int | None = None, allow_unknown: bool = False) -> dict[str, list]:
+    """One query's raw features from a known user's id and/or explicit values.
+
+    A known ``user_id`` starts from that user's own features (latest training rating);
+    explicit values override them. Without a user id every feature the model needs must
+    be given. ``gender`` is "M" or "F"; an unknown ``occupation`` is an error naming the
+    known ones unless ``allow_unknown`` (then it is encoded as out-of-vocabulary).
+    """
+    explicit = {"raw_user_age": age, "user_gender": gender,
+                "user_occupation_text": occupation, "timestamp": time}
+    if user_id is not None:
+      feats = self.user_features([user_id])
+      feats["user_id"] = [user_id]
+      for k, v in explicit.items():  # explicit values override the user's own
+        if v is not None:
+          feats[k] = [v]
+    else:
+      needed = set(feat.query_columns(self.encoders))
+      missing = [f"--{flag}" for flag, (col, v) in zip(("age", "gender", "occupation", "time"),
+                                                       explicit.items())
+                 if v is None and col in needed]
+      if missing:
+        raise ServingError(f"recommend needs --user_id or all of --age --gender --occupation "
+                           f"--time; missing {' '.join(missing)}.")
+      if "user_id" in self.encoders:
+        raise ServingError("This model uses the user id as a feature: pass --user_id.")
+      feats = {k: [v] for k, v in explicit.items() if v is not None}
+    if "user_gender" in feats:
+      feats["user_gender"] = [g in ("M", True, 1) for g in feats["user_gender"]]
+    occ = feats.get("user_occupation_text")
+    if occ is not None and "occupation" in self.encoders and not allow_unknown:
+      known = [str(v) for v in self.known_values("occupation")]
+      if str(occ[0]) not in known:
+        raise ServingError(
+            f"Unknown occupation {occ[0]!r}.{config_lib.suggest(str(occ[0]), known)} Known: "
+            f"{', '.join(sorted(known))}. Pass --allow_unknown to score it as "
+            "out-of-vocabulary.")
+    return feats
 
   def recommend(self, features: Mapping[str, Any], k: int = 10, *,
                 exclude_ids: Sequence[np.ndarray] | None = None,
@@ -168,21 +204,11 @@ class Recommender:
     scores, ids = np.asarray(scores), np.asarray(ids)
     if lowest:
       scores = -scores
-    ids_N = np.asarray(self.index.ids_N)
-    order = np.argsort(ids_N, kind="stable")
-    pos = order[np.clip(np.searchsorted(ids_N[order], ids), 0, len(ids_N) - 1)]
+    pos = np.maximum(self.index.rows(ids), 0)
     names = np.asarray(self.meta["genre_names"] + [""])
     genres = [[[str(names[g]) for g in self.genres_N[p] if g >= 0] for p in row] for row in pos]
     return Recommendations(movie_id=ids, movie_title=np.asarray(self.index.titles_N)[pos],
                            genres=genres, score=scores)
-
-
-_QUERY_COLUMNS = {"user_id": "user_id", "age": "raw_user_age", "gender": "user_gender",
-                  "occupation": "user_occupation_text", "time": "timestamp"}
-
-
-def _needed_columns(encoders: feat.Encoders) -> list[str]:
-  return [col for name, col in _QUERY_COLUMNS.items() if name in encoders]
 
 
 @functools.lru_cache(maxsize=8)
@@ -232,7 +258,6 @@ def load(path: str | pathlib.Path) -> Recommender:
   except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
     raise ServingError(f"Serving directory {path} is corrupt: {reading} is unreadable "
                        f"({type(e).__name__}: {e}); retrain into a fresh workdir.") from e
-  from twotower_jax import index as index_lib  # pylint: disable=g-import-not-at-top
   index = index_lib.BruteForceIndex(embeddings_NxD=cands["embeddings"], ids_N=cands["movie_id"],
                                     titles_N=cands["movie_title"])
   return Recommender(meta=meta, encoders=encoders, query_params=params, index=index,

@@ -1,19 +1,16 @@
-"""Training and evaluation: ``train_and_evaluate(config, workdir)``.
+"""Training: the train state, the jitted step, the epoch loop, ``train_and_evaluate``.
 
-All training examples live on the device as encoded arrays; an epoch is a
-seeded permutation of their indices, cut into fixed-size batches (the last one
-padded and masked, so one compiled step serves every batch). The step gathers
-its batch on the device: per step only a row of indices is read.
+All training examples live on the device as encoded arrays (``input_pipeline``); the step
+gathers its batch on the device, so per step only a row of indices is read. The loop
+checks each step's loss a few steps behind, saves orbax checkpoints, then evaluates
+(``evaluate``) and writes the serving directory (``serving``).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import json
-import logging
-import os
 import pathlib
 import time
 from typing import Any, Callable
@@ -26,10 +23,15 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from twotower_jax import data as data_lib
+from twotower_jax import checkpoints
+from twotower_jax import evaluate
 from twotower_jax import features as feat
+from twotower_jax import input_pipeline
+from twotower_jax import logs
 from twotower_jax import losses
 from twotower_jax import model as model_lib
+from twotower_jax import serving
+from twotower_jax import sharding
 from twotower_jax import sparse
 
 Array = jax.Array
@@ -49,81 +51,7 @@ class TrainState:
 
 
 # ----------------------------------------------------------------------------
-# Prepared data: encoded features as arrays, plus the raw columns for reports.
-
-
-@dataclasses.dataclass(frozen=True)
-class Prepared:
-  """A data set encoded for the model. Rows of ``*_q`` align with ``*_item``."""
-
-  encoders: feat.Encoders
-  cand: dict[str, np.ndarray]  # encoded features of all N catalogue items
-  movie_ids_N: np.ndarray
-  train_q: dict[str, np.ndarray]
-  train_item: np.ndarray  # catalogue index of each training example's movie
-  train_user: np.ndarray  # user index (0..U-1) of each training example
-  test_q: dict[str, np.ndarray]
-  test_item: np.ndarray
-  test_user: np.ndarray
-  num_users: int
-  dataset: data_lib.Dataset
-  train: dict[str, np.ndarray]
-  test: dict[str, np.ndarray]
-
-  @property
-  def num_items(self) -> int:
-    return len(self.movie_ids_N)
-
-  def item_counts(self) -> np.ndarray:
-    return np.bincount(self.train_item, minlength=self.num_items)
-
-  def seen_csr(self) -> tuple[np.ndarray, np.ndarray]:
-    """Each user's training items as CSR (indptr over user index, item indices)."""
-    order = np.lexsort((self.train_item, self.train_user))
-    indptr = np.zeros(self.num_users + 1, np.int64)
-    np.cumsum(np.bincount(self.train_user, minlength=self.num_users), out=indptr[1:])
-    return indptr, self.train_item[order]
-
-
-def item_index(movie_ids_N: np.ndarray, movie_id: np.ndarray, what: str) -> np.ndarray:
-  """Catalogue positions of ``movie_id``; an id outside the catalogue is an error."""
-  order = np.argsort(movie_ids_N, kind="stable")
-  pos = np.clip(np.searchsorted(movie_ids_N[order], movie_id), 0, len(order) - 1)
-  bad = movie_ids_N[order][pos] != movie_id
-  if bad.any():
-    raise data_lib.DataError(
-        f"{what}: movie id {movie_id[bad][0]} is not in the movie catalogue "
-        f"({int(bad.sum())} such rows). Use ratings and movies from the same data set.")
-  return order[pos].astype(np.int32)
-
-
-def prepare(config: ml_collections.ConfigDict) -> Prepared:
-  """Loads and splits the data, fits the encoders on the training split, encodes."""
-  dataset = data_lib.load(config.data)
-  train, test = data_lib.train_test(config.data, dataset, config.seed)
-  if config.features.time and config.data.split in ("seed", "random"):
-    logging.warning(
-        "Time features with a random split (%s) let the model see the future of the test "
-        "interactions; use data.split=temporal for a leak-free estimate.", config.data.split)
-  encoders = feat.fit_encoders(train, dataset.movies, config.features)
-  movie_ids = np.asarray(dataset.movies["movie_id"])
-  users = np.unique(np.concatenate([train["user_id"], test["user_id"]]))
-  return Prepared(
-      encoders=encoders,
-      cand=feat.encode_candidates(encoders, dataset.movies, config.features),
-      movie_ids_N=movie_ids,
-      train_q=feat.encode_queries(encoders, train),
-      train_item=item_index(movie_ids, train["movie_id"], "training ratings"),
-      train_user=np.searchsorted(users, train["user_id"]).astype(np.int32),
-      test_q=feat.encode_queries(encoders, test),
-      test_item=item_index(movie_ids, test["movie_id"], "test ratings"),
-      test_user=np.searchsorted(users, test["user_id"]).astype(np.int32),
-      num_users=len(users),
-      dataset=dataset, train=train, test=test)
-
-
-# ----------------------------------------------------------------------------
-# Model, optimizer, state.
+# Optimizer and state.
 
 
 def create_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
@@ -158,24 +86,11 @@ def create_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
   return tx
 
 
-def create_model(config, prep: Prepared) -> model_lib.TwoTower:
-  """The two towers; the user-id and title tables are padded with unused rows up to a
-  multiple of ``model.table_rows_multiple`` (so that they split evenly over devices)."""
-  sizes = dict(feat.vocab_sizes(prep.encoders))
-  m = config.model.table_rows_multiple
-  if m < 1:
-    raise ValueError(f"model.table_rows_multiple={m}: use a positive int (1: no padding).")
-  for _, name, _, _ in sparse.TABLES:
-    if name in sizes:
-      sizes[name] = -(-sizes[name] // m) * m
-  return model_lib.create_model(config.model, sizes)
-
-
 def _take(tree: dict[str, Array], idx: Array) -> dict[str, Array]:
   return {k: jnp.take(v, idx, axis=0) for k, v in tree.items()}
 
 
-def init_state(model, tx, prep: Prepared, config, rng: Array | int,
+def init_state(model, tx, prep: input_pipeline.Prepared, config, rng: Array | int,
                mesh: jax.sharding.Mesh | None = None) -> TrainState:
   """The initial train state; ``rng`` a key or a seed.
 
@@ -199,27 +114,9 @@ def init_state(model, tx, prep: Prepared, config, rng: Array | int,
 
   shardings = None
   if mesh is not None:
-    shardings = state_shardings(jax.eval_shape(init, rng, xq, xc), mesh,
+    shardings = sharding.state_shardings(jax.eval_shape(init, rng, xq, xc), mesh,
                                 config.train.shard_embeddings)
   return jax.jit(init, out_shardings=shardings)(rng, xq, xc)
-
-
-def state_shardings(state: Any, mesh: jax.sharding.Mesh, shard_embeddings: bool) -> Any:
-  """Replicated everywhere, except (with ``shard_embeddings``) the user-id and title tables
-  and their optimizer-state twins, whose rows are split over "data"."""
-  rep = replicated(mesh)
-  if not shard_embeddings:
-    return jax.tree_util.tree_map(lambda _: rep, state)
-  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
-  shapes = sparse.shapes_of(state.params)
-  for (_, name), shape in shapes.items():
-    if shape[0] % mesh.size:
-      raise ValueError(
-          f"train.shard_embeddings: the {name} table has {shape[0]} rows, which do not split "
-          f"over {mesh.size} devices. Set model.table_rows_multiple to a multiple of "
-          f"{mesh.size} (e.g. 128) to pad it with unused rows.")
-  return jax.tree_util.tree_map_with_path(
-      lambda path, leaf: rows if sparse.table_of(path, leaf, shapes) else rep, state)
 
 
 # ----------------------------------------------------------------------------
@@ -315,17 +212,6 @@ def train_step(state: TrainState, data: dict[str, Any], idx_B: Array, valid_B: A
                        rng=rng), loss
 
 
-def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int
-                  ) -> tuple[np.ndarray, np.ndarray]:
-  """The epoch's seeded permutation as [steps, B] indices and validity (last batch padded)."""
-  perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
-  steps = -(-num_examples // batch_size)
-  pad = steps * batch_size - num_examples
-  idx = np.concatenate([perm, perm[:pad]]).reshape(steps, batch_size).astype(np.int32)
-  valid = (np.arange(steps * batch_size) < num_examples).reshape(steps, batch_size)
-  return idx, valid
-
-
 def make_step_fn(model, tx, loss_cfg, sparse_embeddings: bool = False,
                  state_sharding: Any = None) -> Callable[..., tuple[TrainState, Array]]:
   """``step_fn(state, data, idx_SxB, valid_SxB, i)``: the jitted step on batch ``i``.
@@ -341,7 +227,7 @@ def make_step_fn(model, tx, loss_cfg, sparse_embeddings: bool = False,
 
   out = None
   if state_sharding is not None:
-    out = (state_sharding, replicated(jax.tree_util.tree_leaves(state_sharding)[0].mesh))
+    out = (state_sharding, sharding.replicated(jax.tree_util.tree_leaves(state_sharding)[0].mesh))
   return jax.jit(indexed_step, donate_argnums=0, out_shardings=out)
 
 
@@ -366,6 +252,17 @@ def sparse_step(config, params) -> bool:
 CHECK_LAG = 8  # steps a loss may be in flight before it is checked
 
 
+def check_finite(loss: Array, step: int) -> float:
+  """``loss`` as a float; a NaN or infinity stops training naming ``step``."""
+  value = float(loss)
+  if not np.isfinite(value):
+    raise NonFiniteLossError(
+        f"Training loss is {value} at step {step}. Lower optimizer.learning_rate, set "
+        "optimizer.grad_clip_norm, or check the input features for extreme values; the last "
+        "good checkpoint is kept in the workdir.")
+  return value
+
+
 def run_epoch(state: TrainState, step_fn, data, idx_SxB: Array, valid_SxB: Array,
               first_step: int, on_step: Callable[[int, TrainState, Array], None] | None = None
               ) -> tuple[TrainState, float]:
@@ -382,256 +279,100 @@ def run_epoch(state: TrainState, step_fn, data, idx_SxB: Array, valid_SxB: Array
     state, loss = step_fn(state, data, idx_SxB, valid_SxB, i)
     in_flight.append(loss)
     if len(in_flight) > CHECK_LAG:
-      values.append(_check_finite(in_flight.popleft(), first_step + len(values) + 1))
+      values.append(check_finite(in_flight.popleft(), first_step + len(values) + 1))
     if on_step is not None:
       on_step(first_step + i + 1, state, loss)
   while in_flight:
-    values.append(_check_finite(in_flight.popleft(), first_step + len(values) + 1))
+    values.append(check_finite(in_flight.popleft(), first_step + len(values) + 1))
   return state, float(np.mean(values)) if values else float("nan")
 
 
 # ----------------------------------------------------------------------------
-# Devices.
+# Set-up shared by training and the training benchmark.
 
 
-def configure_cpu_devices(requested: int, batch_size: int) -> int:
-  """Splits the host CPU into several XLA devices so data parallelism uses every core.
+@dataclasses.dataclass
+class Setup:
+  """Everything a training run holds: the data, the model, the optimizer, the state."""
 
-  XLA runs most element-wise work of one device on one thread; with one device
-  per core, the [B, B] in-batch softmax is split by rows across cores. ``requested``
-  0 means one device per available core, lowered to a divisor of ``batch_size``.
-  Must run before JAX starts its backends; returns the device count asked for
-  (1: nothing changed).
+  prep: input_pipeline.Prepared
+  mesh: jax.sharding.Mesh
+  model: model_lib.TwoTower
+  tx: optax.GradientTransformation
+  state: TrainState
+  data: dict[str, Any]  # device-resident training arrays
+  step_fn: Callable[..., tuple[TrainState, Array]]
+  steps_per_epoch: int
+  total_steps: int
+
+
+def create_setup(config, prep: input_pipeline.Prepared | None = None, *,
+                 total_steps: int | None = None, rng: Array | int | None = None) -> Setup:
+  """Prepares the data (unless given), builds the mesh, model, optimizer, state and step.
+
+  ``total_steps`` (default: every epoch of ``config.train``) sets the schedule length;
+  ``rng`` (default ``config.seed``) the initialization.
   """
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  n = requested or cores or 1
-  n = max(1, min(n, batch_size))
-  while batch_size % n:
-    n -= 1
-  if n <= 1 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-    return 1
-  try:
-    jax.config.update("jax_num_cpu_devices", n)
-  except RuntimeError as e:  # backends already started (e.g. inside a test session)
-    logging.warning("Could not split the CPU into %d devices (%s); using one.", n, e)
-    return 1
-  return n
-
-
-def make_mesh() -> jax.sharding.Mesh:
-  """One ("data",) mesh over every device."""
-  return jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def replicated(mesh) -> jax.sharding.NamedSharding:
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
-def recency_weights(timestamps: np.ndarray, half_life_days: float) -> np.ndarray:
-  """Example weights 0.5 ** (age / half-life), age measured from the newest example."""
-  if half_life_days <= 0:
-    raise ValueError(f"train.recency_half_life_days={half_life_days}: use a positive number "
-                     "of days, or 0 to weight every example equally.")
-  t = np.asarray(timestamps, np.float64)
-  if not len(t) or not np.isfinite(t).all():
-    raise data_lib.DataError("train.recency_half_life_days needs a finite timestamp on every "
-                             "training example; set it to 0 for this data set.")
-  return np.exp2(-(t.max() - t) / (half_life_days * 86400.0)).astype(np.float32)
-
-
-def device_data(prep: Prepared, mesh, recency_half_life_days: float = 0.0) -> dict[str, Any]:
-  """Training arrays on the device(s), replicated."""
-  counts = prep.item_counts().astype(np.float64)
-  data = {
-      "train_q": prep.train_q,
-      "train_item": prep.train_item,
-      "cand": prep.cand,
-      "p_item": (counts / max(counts.sum(), 1.0)).astype(np.float32),
-  }
-  if recency_half_life_days:
-    data["train_weight"] = recency_weights(prep.train["timestamp"], recency_half_life_days)
-  return to_devices(data, replicated(mesh))
-
-
-def to_devices(tree: Any, sharding: jax.sharding.Sharding) -> Any:
-  """Host arrays (the same on every process) as global arrays with ``sharding``."""
-  if jax.process_count() == 1:
-    return jax.device_put(tree, sharding)
-  return jax.tree_util.tree_map(
-      lambda x: jax.make_array_from_callback(np.shape(x), sharding,
-                                             lambda idx: np.asarray(x)[idx]), tree)
+  prep = input_pipeline.prepare(config) if prep is None else prep
+  b = config.train.batch_size
+  mesh = sharding.make_mesh()
+  if b % mesh.size:
+    raise ValueError(f"train.batch_size={b} does not divide over {mesh.size} devices; "
+                     f"use a multiple of {mesh.size}.")
+  steps_per_epoch = -(-len(prep.train_item) // b)
+  if total_steps is None:
+    total_steps = steps_per_epoch * config.train.num_epochs
+  model = model_lib.create_model(config.model, feat.vocab_sizes(prep.encoders))
+  tx = create_optimizer(config.optimizer, total_steps)
+  state = init_state(model, tx, prep, config, config.seed if rng is None else rng, mesh)
+  data = input_pipeline.device_data(prep, mesh, config.train.recency_half_life_days)
+  return Setup(prep=prep, mesh=mesh, model=model, tx=tx, state=state, data=data,
+               step_fn=create_step_fn(config, model, tx, state),
+               steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
 
 # ----------------------------------------------------------------------------
-# Embeddings for evaluation and serving.
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def _embed_queries(params, xq, *, model):
-  return model.apply({"params": params}, xq, method=model_lib.TwoTower.embed_queries)
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def _embed_candidates(params, xc, *, model):
-  return model.apply({"params": params}, xc, method=model_lib.TwoTower.embed_candidates)
-
-
-def embed_in_batches(fn, params, x: dict[str, np.ndarray], batch_size: int, *, model
-                     ) -> np.ndarray:
-  """Embeds rows of ``x`` in fixed-size batches (last one padded: one compiled shape)."""
-  n = len(next(iter(x.values())))
-  out = []
-  for start in range(0, n, batch_size):
-    chunk = {k: v[start:start + batch_size] for k, v in x.items()}
-    m = len(next(iter(chunk.values())))
-    if m < batch_size and n > batch_size:
-      chunk = {k: np.concatenate([v, np.repeat(v[:1], batch_size - m, axis=0)])
-               for k, v in chunk.items()}
-    out.append(np.asarray(fn(params, chunk, model=model))[:m])
-  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
-# ----------------------------------------------------------------------------
-# Checkpoints.
-
-
-def checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(
-      (workdir / "checkpoints").absolute(),
-      options=ocp.CheckpointManagerOptions(max_to_keep=config.train.max_checkpoints,
-                                           create=True))
-
-
-def restore_latest(mngr: ocp.CheckpointManager, state: TrainState) -> TrainState:
-  """The newest checkpoint that restores; a corrupt one is skipped with a warning."""
-  for step in sorted(mngr.all_steps(), reverse=True):
-    try:
-      return mngr.restore(step, args=ocp.args.StandardRestore(state))
-    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back
-      logging.warning("Checkpoint at step %d could not be restored (%s); trying the previous "
-                      "one.", step, e)
-  return state
-
-
-def load_params(workdir: str | pathlib.Path) -> Any:
-  """The model parameters of the newest checkpoint in ``workdir`` (as a nested dict)."""
-  mngr = ocp.CheckpointManager((pathlib.Path(workdir) / "checkpoints").absolute(),
-                               item_handlers=ocp.StandardCheckpointHandler())
-  try:
-    step = mngr.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints; train first.")
-    # Onto one local device, whatever devices and processes saved it.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        mngr.item_metadata(step))
-    return mngr.restore(step, args=ocp.args.StandardRestore(target))["params"]
-  finally:
-    mngr.close()
-
-
-def put_batches(idx_SxB: np.ndarray, mesh) -> Array:
-  """Epoch batch indices as a global array sharded over "data" along the batch axis.
-
-  With several processes (``config.distributed``) each process supplies its own
-  contiguous share of every batch, so each reads only its share of the examples.
-  """
-  sharding = batch_sharding_2d(mesh)
-  if jax.process_count() == 1:
-    return jax.device_put(idx_SxB, sharding)
-  per = idx_SxB.shape[1] // jax.process_count()
-  lo = jax.process_index() * per
-  return jax.make_array_from_process_local_data(sharding, idx_SxB[:, lo:lo + per],
-                                                idx_SxB.shape)
-
-
-# ----------------------------------------------------------------------------
-# The loop.
+# The run.
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming from its checkpoints), evaluates, serves."""
-  from twotower_jax import evaluate, serving  # pylint: disable=g-import-not-at-top
-  from twotower_jax import logs  # pylint: disable=g-import-not-at-top
-
   workdir_path = pathlib.Path(workdir)
   workdir_path.mkdir(parents=True, exist_ok=True)
   primary = jax.process_index() == 0  # with several processes, one writes the files
   if primary:
     (workdir_path / "config.json").write_text(config.to_json(indent=1))
   t_start = time.perf_counter()
-  prep = prepare(config)
+  prep = input_pipeline.prepare(config)
   t_prepared = time.perf_counter()
-
-  b = config.train.batch_size
-  mesh = make_mesh()
-  if b % mesh.size:
-    raise ValueError(f"train.batch_size={b} does not divide over {mesh.size} devices; "
-                     f"use a multiple of {mesh.size}.")
-  num_train = len(prep.train_item)
-  steps_per_epoch = -(-num_train // b)
-  total_steps = steps_per_epoch * config.train.num_epochs
-  model = create_model(config, prep)
-  tx = create_optimizer(config.optimizer, total_steps)
-  state = init_state(model, tx, prep, config, config.seed, mesh)
-  mngr = checkpoint_manager(workdir_path, config)
-  state = restore_latest(mngr, state)
-  start_step = int(state.step)
-
-  data = device_data(prep, mesh, config.train.recency_half_life_days)
-  step_fn = create_step_fn(config, model, tx, state)
-
-  log = logs.RunLog(workdir_path, total_examples=total_steps * b,
-                    initial_examples=start_step * b,
+  run = create_setup(config, prep)
+  mngr = checkpoints.checkpoint_manager(workdir_path, config.train.max_checkpoints)
+  run.state = checkpoints.restore_latest(mngr, run.state)
+  start_step = int(run.state.step)
+  log = logs.RunLog(workdir_path, total_examples=run.total_steps * config.train.batch_size,
+                    initial_examples=start_step * config.train.batch_size,
                     progress=config.train.progress and primary, write=primary)
-  train_seconds = 0.0
   try:
-    for epoch in range(start_step // steps_per_epoch, config.train.num_epochs):
-      idx_SxB, valid_SxB = epoch_batches(num_train, b, config.seed, epoch)
-      first = max(start_step - epoch * steps_per_epoch, 0)
-      idx_SxB = put_batches(idx_SxB[first:], mesh)
-      valid_SxB = put_batches(valid_SxB[first:], mesh)
-      t0 = time.perf_counter()
-
-      def on_step(step, state, loss):
-        log.progress(b)
-        if step % config.train.checkpoint_every_steps == 0:
-          _check_finite(loss, step)
-          mngr.save(step, args=ocp.args.StandardSave(state))
-
-      state, epoch_loss = run_epoch(state, step_fn, data, idx_SxB, valid_SxB,
-                                    epoch * steps_per_epoch + first, on_step)
-      jax.block_until_ready(state)
-      seconds = time.perf_counter() - t0
-      train_seconds += seconds
-      n_ex = int(jnp.sum(valid_SxB))
-      log.epoch({"epoch": epoch + 1, "step": int(state.step),
-                 "loss": epoch_loss,
-                 "examples_per_second": n_ex / max(seconds, 1e-9), "epoch_seconds": seconds})
-    final_step = int(state.step)
-    if final_step not in mngr.all_steps():
-      mngr.save(final_step, args=ocp.args.StandardSave(state), force=True)
-    mngr.wait_until_finished()
+    train_seconds = _train_epochs(config, run, mngr, log)
   finally:
     mngr.close()
     log.close_progress()
 
   t_eval = time.perf_counter()
-  params = host_params(state.params)
-  metrics = evaluate.evaluate(config, prep, model, params)
+  params = sharding.host_params(run.state.params)
+  metrics = evaluate.evaluate(config, prep, run.model, params)
   eval_seconds = time.perf_counter() - t_eval
   if primary:
-    serving.save(workdir_path / "serving", config, prep, model, params)
-  trained_examples = (total_steps - start_step) * b
+    serving.save(workdir_path / "serving", config, prep, run.model, params)
+  trained_examples = (run.total_steps - start_step) * config.train.batch_size
   metrics.update({
       "config": config.name, "split": config.data.split, "seed": int(config.seed),
-      "source": prep.dataset.source, "num_train": num_train, "num_test": len(prep.test_item),
+      "source": prep.dataset.source, "num_train": len(prep.train_item),
+      "num_test": len(prep.test_item),
       "num_candidates": prep.num_items, "prepare_seconds": t_prepared - t_start,
       "train_seconds": train_seconds, "eval_seconds": eval_seconds,
       "examples_per_second": trained_examples / train_seconds if train_seconds else None,
-      "resumed_from_step": start_step, "steps": final_step,
+      "resumed_from_step": start_step, "steps": int(run.state.step),
       "devices": jax.device_count(), "backend": jax.default_backend(),
   })
   if primary:
@@ -640,24 +381,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return metrics
 
 
-def host_params(params: Any) -> Any:
-  """Parameters as host arrays, whole (row-sharded tables gathered from every process)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return multihost_utils.process_allgather(params, tiled=True)
-  return jax.device_get(params)
+def _train_epochs(config, run: Setup, mngr: ocp.CheckpointManager, log: logs.RunLog) -> float:
+  """Trains ``run.state`` from its step to the last epoch, checkpointing; returns seconds."""
+  b = config.train.batch_size
+  num_train = len(run.prep.train_item)
+  start_step = int(run.state.step)
+  train_seconds = 0.0
 
+  def on_step(step, state, loss):
+    log.progress(b)
+    if step % config.train.checkpoint_every_steps == 0:
+      check_finite(loss, step)
+      mngr.save(step, args=ocp.args.StandardSave(state))
 
-def batch_sharding_2d(mesh):
-  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
-
-
-def _check_finite(loss: Array, step: int) -> float:
-  """``loss`` as a float; a NaN or infinity stops training naming ``step``."""
-  value = float(loss)
-  if not np.isfinite(value):
-    raise NonFiniteLossError(
-        f"Training loss is {value} at step {step}. Lower optimizer.learning_rate, set "
-        "optimizer.grad_clip_norm, or check the input features for extreme values; the last "
-        "good checkpoint is kept in the workdir.")
-  return value
+  for epoch in range(start_step // run.steps_per_epoch, config.train.num_epochs):
+    idx_SxB, valid_SxB = input_pipeline.epoch_batches(num_train, b, config.seed, epoch)
+    first = max(start_step - epoch * run.steps_per_epoch, 0)
+    idx_SxB = sharding.put_batches(idx_SxB[first:], run.mesh)
+    valid_SxB = sharding.put_batches(valid_SxB[first:], run.mesh)
+    t0 = time.perf_counter()
+    run.state, epoch_loss = run_epoch(run.state, run.step_fn, run.data, idx_SxB, valid_SxB,
+                                      epoch * run.steps_per_epoch + first, on_step)
+    jax.block_until_ready(run.state)
+    seconds = time.perf_counter() - t0
+    train_seconds += seconds
+    n_ex = int(jnp.sum(valid_SxB))
+    log.epoch({"epoch": epoch + 1, "step": int(run.state.step), "loss": epoch_loss,
+               "examples_per_second": n_ex / max(seconds, 1e-9), "epoch_seconds": seconds})
+  final_step = int(run.state.step)
+  if final_step not in mngr.all_steps():
+    mngr.save(final_step, args=ocp.args.StandardSave(run.state), force=True)
+  mngr.wait_until_finished()
+  return train_seconds

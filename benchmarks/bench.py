@@ -1,4 +1,4 @@
-"""Benchmarks: `python -m twotower_jax.bench <subcommand> [--flags]`.
+"""Benchmarks: `python benchmarks/bench.py <subcommand> [--flags]`.
 
 Subcommands live in `SUBCOMMANDS` (name -> function taking the remaining argv;
 an int it returns is the exit code, anything else means 0); add new ones there.
@@ -162,7 +162,7 @@ def _compare(a_ids, b_ids) -> dict[str, float]:
 
 def bench_index(argv: list[str]) -> int:
   p = argparse.ArgumentParser(
-    prog="python -m twotower_jax.bench index",
+    prog="python benchmarks/bench.py index",
     description="Queries/s of exact top-k retrieval vs lax.top_k, matmul+max and FAISS.",
   )
   p.add_argument("--n", type=int, default=1_000_000, help="candidates")
@@ -314,7 +314,7 @@ def bench_index(argv: list[str]) -> int:
     peak["device_peak_bytes_in_use"] = int(dev.memory_stats().get("peak_bytes_in_use", 0))
 
   report = {
-    "command": "python -m twotower_jax.bench index " + " ".join(argv),
+    "command": "python benchmarks/bench.py index " + " ".join(argv),
     "config": vars(a)
     | {
       "lax_top_k_chunk": lax_chunk,
@@ -365,7 +365,7 @@ def _print_report(r: dict) -> None:
 
 
 def bench_train(argv: list[str]) -> object:
-  from twotower_jax import bench_train as bt  # pylint: disable=g-import-not-at-top
+  import bench_train as bt  # pylint: disable=g-import-not-at-top  # beside this file
   return bt.main(argv)
 
 
@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if not argv or argv[0] not in SUBCOMMANDS:
     names = ", ".join(SUBCOMMANDS)
-    print(f"usage: python -m twotower_jax.bench {{{names}}} [--flags]  (--help per subcommand)")
+    print(f"usage: python benchmarks/bench.py {{{names}}} [--flags]  (--help per subcommand)")
     return 2
   rc = SUBCOMMANDS[argv[0]](argv[1:])
   return rc if isinstance(rc, int) else 0

@@ -1,10 +1,8 @@
-"""MovieLens 1M, 20M / 25M / latest, and a synthetic generator of clustered interactions.
+"""MovieLens 1M (``.dat`` files) and 20M / 25M / latest (CSV files).
 
-Importing this module registers ``LOADERS["ml-1m"]``, ``["ml-20m"]``,
-``["ml-25m"]``, ``["ml-latest"]`` and ``["synthetic"]`` in
-:mod:`twotower_jax.data`. Every loader returns a :class:`~twotower_jax.data.Dataset`
-with the TFDS column names, and shares the cross-source codings of
-:mod:`twotower_jax.data`:
+Every loader returns a :class:`~twotower_jax.data.dataset.Dataset` with the
+TFDS column names, and shares the cross-source codings of
+:mod:`twotower_jax.data.dataset`:
 
 * ``movie_genres`` ids index ``ML100K_GENRE_NAMES`` (the u.genre order), so a
   genre has the same id in 100K, 1M, 20M and 25M. The CSV data sets add
@@ -29,7 +27,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from twotower_jax.data import LOADERS, ML100K_GENRE_NAMES, OCCUPATION_LABELS, DataError, Dataset
+from twotower_jax.arrays import find_rows
+from twotower_jax.data.dataset import (
+    ML100K_GENRE_NAMES,
+    OCCUPATION_LABELS,
+    DataError,
+    Dataset,
+    first_duplicate,
+    line_error,
+    release_years,
+)
 
 GROUPLENS = "https://files.grouplens.org/datasets/movielens"
 URLS = {
@@ -82,7 +89,6 @@ _RATING_FIELDS = (  # (name, regex, expected); stricter than np.loadtxt on purpo
     ("timestamp", r"[ \t]*[0-9]{1,18}[ \t]*", "a non-negative integer (Unix seconds)"),
 )
 _ID_RE = re.compile(r"[0-9]{1,18}")
-_YEAR_RE = re.compile(r"\((\d{4})(?:\s*[-\u2013]\s*\d{0,4})?\)\s*$")
 
 
 # ----------------------------------------------------------------------------
@@ -97,13 +103,6 @@ def _read(path: pathlib.Path, source: str) -> bytes:
         f"{path} does not exist. Fix: download and unzip {url} (GroupLens) and point "
         f"--config.data.dir (or the data_dir argument) at the folder holding {path.name}.")
   return path.read_bytes()
-
-
-def _line_error(path, lineno: int, line: str, problem: str, expected: str, url: str) -> DataError:
-  shown = line if len(line) <= 200 else line[:200] + "..."
-  return DataError(
-      f"{path}:{lineno}: {problem}. Line {lineno}: {shown!r}. Expected {expected}. Fix: "
-      f"correct or delete line {lineno} of {path}, or restore the original file from {url}.")
 
 
 def _text_lines(data: bytes, encoding: str, path) -> list[str]:
@@ -121,27 +120,13 @@ def _text_lines(data: bytes, encoding: str, path) -> list[str]:
 
 
 def _duplicate_error(path, ids: np.ndarray, linenos: np.ndarray, what: str) -> DataError | None:
-  order = np.argsort(ids, kind="stable")
-  dup = np.flatnonzero(ids[order][1:] == ids[order][:-1])
-  if not dup.size:
+  dup = first_duplicate(ids)
+  if dup is None:
     return None
-  second = int(order[dup + 1].min())
-  first = int(order[np.searchsorted(ids[order], ids[second])])
+  second, first = dup
   return DataError(
       f"{path}:{linenos[second]}: duplicate {what} {ids[second]} (first on line "
       f"{linenos[first]}). Fix: delete one of the two lines or restore the original file.")
-
-
-def _rows_of(ids_N: np.ndarray, table_ids_K: np.ndarray) -> np.ndarray:
-  """Row of each id in ``table_ids_K`` (unique, >= 0), -1 when absent."""
-  top = int(table_ids_K.max(initial=-1))
-  if top < (1 << 27):  # dense table: one gather
-    table = np.full(top + 2, -1, np.int64)
-    table[table_ids_K] = np.arange(table_ids_K.size)
-    return table[np.where((ids_N >= 0) & (ids_N <= top), ids_N, top + 1)]
-  order = np.argsort(table_ids_K)
-  pos = np.clip(np.searchsorted(table_ids_K[order], ids_N), 0, table_ids_K.size - 1)
-  return np.where(table_ids_K[order][pos] == ids_N, order[pos], -1)
 
 
 def _join_error(path, first_line: int, rows_N: np.ndarray, ids_N: np.ndarray, what: str,
@@ -178,7 +163,7 @@ def _first_bad_rating_line(path, chunk: bytes, first_line: int, sep: str, expect
     line = raw.decode("latin-1").removesuffix("\r")
     problem = _describe_rating_line(line, sep)
     if problem is not None:
-      return _line_error(path, first_line + k, line, problem, expected, url)
+      return line_error(path, first_line + k, line, problem, expected, url)
   last = first_line + chunk.count(b"\n")
   return DataError(f"{path}: lines {first_line}..{last} could not be parsed ({reason}). Fix: "
                    f"check those lines against {expected}, or restore the file from {url}.")
@@ -199,8 +184,8 @@ def parse_ratings(path, data: bytes, *, sep: str, header: str | None, url: str,
     nl = data.find(b"\n")
     got = data[bom:nl if nl >= 0 else len(data)].decode("latin-1").removesuffix("\r")
     if got != header:
-      raise _line_error(path, 1, got, "the header is not the MovieLens ratings header",
-                        f"the header {header!r}", url)
+      raise line_error(path, 1, got, "the header is not the MovieLens ratings header",
+                       f"the header {header!r}", url)
     start, first_line = (nl + 1 if nl >= 0 else len(data)), 2
   end = len(data)
   while end > start and data[end - 1] in b"\r\n \t":
@@ -243,7 +228,7 @@ def parse_ratings(path, data: bytes, *, sep: str, header: str | None, url: str,
     if bad.size:
       i = int(bad[0])
       line = _nth_line(data, start, i)
-      raise _line_error(path, first_line + i, line, f"{problem} ({cols[name][i]})", expected, url)
+      raise line_error(path, first_line + i, line, f"{problem} ({cols[name][i]})", expected, url)
   return cols, first_line
 
 
@@ -288,12 +273,6 @@ def _genre_ids(names_per_movie: Sequence[Sequence[str]], genre_names: Sequence[s
   return out
 
 
-def _release_years(titles: Sequence[str]) -> np.ndarray:
-  """Year of a trailing "(1995)" (or "(2006-2007)") in each title, -1 without one."""
-  years = [_YEAR_RE.search(t) for t in titles]
-  return np.array([int(y.group(1)) if y else -1 for y in years], np.int32)
-
-
 def _movies_table(path, ids: list[int], titles: list[str], genres: list[list[str]],
                   linenos: list[int], genre_names, aliases, url: str) -> dict[str, np.ndarray]:
   ids_M = np.array(ids, np.int64)
@@ -307,7 +286,7 @@ def _movies_table(path, ids: list[int], titles: list[str], genres: list[list[str
       "movie_id": ids_M,
       "movie_title": np.array(titles, dtype=str),
       "movie_genres": _genre_ids(genres, genre_names, aliases, path, linenos, url),
-      "movie_release_year": _release_years(titles),
+      "movie_release_year": release_years(titles),
   }
 
 
@@ -335,7 +314,7 @@ def read_movies_dat(path) -> dict[str, np.ndarray]:
     parts = line.split("::")
     problem = _movie_row_problem(parts, "'::'-separated fields", "movie id")
     if problem:
-      raise _line_error(path, lineno, line, problem, expected, url)
+      raise line_error(path, lineno, line, problem, expected, url)
     ids.append(int(parts[0]))
     titles.append(parts[1])
     genres.append(parts[2].split("|"))
@@ -357,21 +336,21 @@ def read_movies_csv(path) -> dict[str, np.ndarray]:
       lineno = reader.line_num
       if lineno == 1:
         if tuple(row) != MOVIES_CSV_HEADER:
-          raise _line_error(path, 1, lines[0].lstrip("\ufeff"), "the header is not the MovieLens movies "
-                            "header", f"the header {','.join(MOVIES_CSV_HEADER)!r}", _CSV_URLS)
+          raise line_error(path, 1, lines[0].lstrip("\ufeff"), "the header is not the MovieLens movies "
+                           "header", f"the header {','.join(MOVIES_CSV_HEADER)!r}", _CSV_URLS)
         continue
       problem = _movie_row_problem(row, "fields", "movieId",
                                    " (a movie without genres has '(no genres listed)')")
       if problem:
-        raise _line_error(path, lineno, lines[lineno - 1], problem, expected, _CSV_URLS)
+        raise line_error(path, lineno, lines[lineno - 1], problem, expected, _CSV_URLS)
       ids.append(int(row[0]))
       titles.append(row[1])
       genres.append(row[2].split("|"))
       linenos.append(lineno)
   except csv.Error as e:
     lineno = max(reader.line_num, 1)
-    raise _line_error(path, lineno, lines[lineno - 1], f"bad CSV quoting ({e})", expected,
-                      _CSV_URLS) from e
+    raise line_error(path, lineno, lines[lineno - 1], f"bad CSV quoting ({e})", expected,
+                     _CSV_URLS) from e
   return _movies_table(path, ids, titles, genres, linenos, CSV_GENRE_NAMES,
                        _CSV_GENRE_ALIASES, _CSV_URLS)
 
@@ -407,7 +386,7 @@ def read_users_dat(path) -> dict[str, np.ndarray]:
     elif not parts[4].strip():
       problem = "field 5 (zip code) is empty"
     if problem:
-      raise _line_error(path, lineno, line, problem, expected, url)
+      raise line_error(path, lineno, line, problem, expected, url)
     rows.append(parts)
     linenos.append(lineno)
   if not rows:
@@ -459,10 +438,10 @@ def load_movielens_1m(data_dir) -> Dataset:
   users = read_users_dat(d / "users.dat")
   raw, first = parse_ratings(d / "ratings.dat", _read(d / "ratings.dat", "ml-1m"), sep="::",
                              header=None, url=url)
-  movie_row = _rows_of(raw["movie_id"], movies["movie_id"])
+  movie_row = find_rows(movies["movie_id"], raw["movie_id"])
   _join_error(d / "ratings.dat", first, movie_row, raw["movie_id"], "movie id",
               d / "movies.dat", url)
-  user_row = _rows_of(raw["user_id"], users["user_id"])
+  user_row = find_rows(users["user_id"], raw["user_id"])
   _join_error(d / "ratings.dat", first, user_row, raw["user_id"], "user id", d / "users.dat", url)
   ratings = _joined(raw, movie_row, movies, movies["movie_title"], users, user_row)
   return Dataset(ratings=ratings, movies=movies, genre_names=ML1M_GENRE_NAMES,
@@ -483,133 +462,10 @@ def load_movielens_csv(data_dir, source: str = "ml-csv") -> Dataset:
   movies = read_movies_csv(d / "movies.csv")
   raw, first = parse_ratings(d / "ratings.csv", _read(d / "ratings.csv", source), sep=",",
                              header=RATINGS_CSV_HEADER, url=url)
-  movie_row = _rows_of(raw["movie_id"], movies["movie_id"])
+  movie_row = find_rows(movies["movie_id"], raw["movie_id"])
   _join_error(d / "ratings.csv", first, movie_row, raw["movie_id"], "movie id",
               d / "movies.csv", url)
   titles = np.empty(movies["movie_title"].size, object)
   titles[:] = movies["movie_title"].tolist()
   ratings = _joined(raw, movie_row, movies, titles)
   return Dataset(ratings=ratings, movies=movies, genre_names=CSV_GENRE_NAMES, source=source)
-
-
-def _cfg(data_cfg, key: str, default):
-  value = data_cfg.get(key, default) if hasattr(data_cfg, "get") else getattr(data_cfg, key, default)
-  return default if value is None else value
-
-
-def _cfg_dir(data_cfg, source: str, needed: str) -> pathlib.Path:
-  """``data_cfg.dir``, or its ``<source>/`` subfolder when that holds ``needed``."""
-  configured = str(_cfg(data_cfg, "dir", ""))
-  if not configured:
-    raise DataError(
-        f"--config.data.source={source} needs --config.data.dir: the folder holding {needed}. "
-        f"Fix: download and unzip {URLS[source]} and pass --config.data.dir=PATH.")
-  path = pathlib.Path(configured).expanduser()
-  if not (path / needed).is_file() and (path / source / needed).is_file():
-    return path / source
-  return path
-
-
-def _csv_loader(source: str):
-  return lambda data_cfg: load_movielens_csv(_cfg_dir(data_cfg, source, "ratings.csv"), source)
-
-
-# ----------------------------------------------------------------------------
-# Synthetic data.
-
-SYNTHETIC_START = 946_684_800  # 2000-01-01
-SYNTHETIC_END = 1_577_836_800  # 2020-01-01
-
-
-def synthetic(num_users: int, num_items: int, num_interactions: int, *, seed: int = 0,
-              zipf_a: float = 1.1, num_clusters: int = 20, affinity: float = 0.8) -> Dataset:
-  """Interactions with Zipf item popularity and planted user/item clusters.
-
-  Ids are 1-based. User ``u`` is in cluster ``u % num_clusters``; items are
-  split evenly over the clusters at random and item ``i``'s cluster is its
-  single genre (``movie_genres[:, 0]``, named ``"cluster c"``). Item
-  popularity is ``rank ** -zipf_a`` over a random ranking. Each interaction
-  draws a uniform user; with probability ``affinity`` its item comes from the
-  user's cluster (popularity-weighted), else from the global popularity.
-  Ratings: round(N(4, 1)) for in-cluster draws, round(N(3, 1)) otherwise,
-  clipped to 1..5. Timestamps are uniform over 2000-2019, rows in time order.
-  Titles are ``"item <id>"`` (``<U12`` for 1M items: 48 bytes a row, built
-  with ``np.char.add`` once per item and gathered per row). Pure numpy: 10M
-  interactions over 1M items and 200k users take ~10 s and ~1.1 GB on 2 cores.
-  """
-  for name, value in (("num_users", num_users), ("num_items", num_items),
-                      ("num_interactions", num_interactions), ("num_clusters", num_clusters)):
-    if int(value) != value or value < 1:
-      raise DataError(f"synthetic: {name}={value!r} must be a positive integer. Fix: set "
-                      f"--config.data.synthetic_{name.removeprefix('num_')} >= 1.")
-  if num_clusters > num_items:
-    raise DataError(f"synthetic: num_clusters={num_clusters} exceeds num_items={num_items}, "
-                    "leaving clusters without items. Fix: lower "
-                    "--config.data.synthetic_clusters or raise synthetic_items.")
-  if not 0.0 <= affinity <= 1.0:
-    raise DataError(f"synthetic: affinity={affinity} must lie in [0, 1]. Fix: set "
-                    "--config.data.synthetic_affinity=0.8 (for example).")
-  if not zipf_a >= 0.0:
-    raise DataError(f"synthetic: zipf_a={zipf_a} must be >= 0 (0 = uniform). Fix: set "
-                    "--config.data.synthetic_zipf_a=1.1 (for example).")
-  rng = np.random.default_rng(seed)
-  n, c = int(num_interactions), int(num_clusters)
-
-  popularity_I = rng.permutation(np.arange(1, num_items + 1, dtype=np.float64) ** -zipf_a)
-  cluster_I = (rng.permutation(num_items) % c).astype(np.int32)
-  by_cluster_I = np.argsort(cluster_I, kind="stable")  # item rows grouped by cluster
-  cum_I = np.cumsum(popularity_I[by_cluster_I])
-  bounds_C1 = np.searchsorted(cluster_I[by_cluster_I], np.arange(c + 1))
-  mass_lo_C = np.concatenate([[0.0], cum_I])[bounds_C1[:-1]]
-  mass_hi_C = cum_I[bounds_C1[1:] - 1]
-
-  user_N = rng.integers(1, num_users + 1, n, dtype=np.int64)
-  ucluster_N = user_N % c
-  in_cluster_N = rng.random(n) < affinity
-  target_N = rng.random(n)
-  lo_N = np.where(in_cluster_N, mass_lo_C[ucluster_N], 0.0)
-  hi_N = np.where(in_cluster_N, mass_hi_C[ucluster_N], cum_I[-1])
-  target_N = lo_N + target_N * (hi_N - lo_N)
-  del lo_N, hi_N
-  pos_N = np.searchsorted(cum_I, target_N, side="right")
-  del target_N
-  first_N = np.where(in_cluster_N, bounds_C1[ucluster_N], 0)
-  last_N = np.where(in_cluster_N, bounds_C1[ucluster_N + 1] - 1, num_items - 1)
-  pos_N = np.clip(pos_N, first_N, last_N)  # float round-off at cluster edges
-  del first_N, last_N
-  item_row_N = by_cluster_I[pos_N]
-  del pos_N
-
-  rating_N = rng.normal(np.where(in_cluster_N, 4.0, 3.0), 1.0)
-  rating_N = np.clip(np.rint(rating_N), 1, 5).astype(np.float32)
-  timestamp_N = np.sort(rng.integers(SYNTHETIC_START, SYNTHETIC_END, n, dtype=np.int64))
-
-  item_ids_I = np.arange(1, num_items + 1, dtype=np.int64)
-  digits = len(str(num_items))
-  titles_I = np.char.add("item ", item_ids_I.astype(f"<U{digits}"))
-  genres_I1 = cluster_I[:, None]
-  movies = {"movie_id": item_ids_I, "movie_title": titles_I, "movie_genres": genres_I1,
-            "movie_release_year": np.full(num_items, -1, np.int32)}
-  ratings = {"user_id": user_N, "movie_id": item_row_N + 1, "user_rating": rating_N,
-             "timestamp": timestamp_N, "movie_title": titles_I[item_row_N],
-             "movie_genres": genres_I1[item_row_N]}
-  return Dataset(ratings=ratings, movies=movies,
-                 genre_names=tuple(f"cluster {k}" for k in range(c)), source="synthetic")
-
-
-def _synthetic_loader(data_cfg) -> Dataset:
-  return synthetic(
-      int(_cfg(data_cfg, "synthetic_users", 10_000)),
-      int(_cfg(data_cfg, "synthetic_items", 10_000)),
-      int(_cfg(data_cfg, "synthetic_interactions", 1_000_000)),
-      seed=int(_cfg(data_cfg, "synthetic_seed", 0)),
-      zipf_a=float(_cfg(data_cfg, "synthetic_zipf_a", 1.1)),
-      num_clusters=int(_cfg(data_cfg, "synthetic_clusters", 20)),
-      affinity=float(_cfg(data_cfg, "synthetic_affinity", 0.8)))
-
-
-LOADERS["ml-1m"] = lambda data_cfg: load_movielens_1m(_cfg_dir(data_cfg, "ml-1m", "ratings.dat"))
-LOADERS["ml-20m"] = _csv_loader("ml-20m")
-LOADERS["ml-25m"] = _csv_loader("ml-25m")
-LOADERS["ml-latest"] = _csv_loader("ml-latest")
-LOADERS["synthetic"] = _synthetic_loader

@@ -1,6 +1,6 @@
 """Training throughput: the full epoch loop against the bare jitted step, same run.
 
-  python -m twotower_jax.bench train --config=configs/seed.py --batch_sizes=2048,8192
+  python benchmarks/bench.py train --config=configs/seed.py --batch_sizes=2048,8192
 
 The bare figure calls the jitted step back to back on one epoch's batches with
 nothing else; the loop figure is ``train.run_epoch`` with everything training
@@ -22,6 +22,8 @@ import jax
 import numpy as np
 
 from twotower_jax import config as config_lib
+from twotower_jax import input_pipeline
+from twotower_jax import sharding
 from twotower_jax import train
 
 
@@ -34,21 +36,17 @@ def measure(config, batch_size: int, epochs: int = 2, max_steps: int = 0) -> dic
   config = config.copy_and_resolve_references()
   config.train.batch_size = batch_size
   t0 = time.perf_counter()
-  prep = train.prepare(config)
+  prep = input_pipeline.prepare(config)
   prepare_s = time.perf_counter() - t0
-  mesh = train.make_mesh()
-  model = train.create_model(config, prep)
   n = len(prep.train_item)
   steps = -(-n // batch_size)
   if max_steps:  # time only the first steps of each epoch (large data sets)
     steps = min(steps, max_steps)
-  tx = train.create_optimizer(config.optimizer, steps * epochs)
-  state = train.init_state(model, tx, prep, config, 0, mesh)
-  data = train.device_data(prep, mesh, config.train.recency_half_life_days)
-  step_fn = train.create_step_fn(config, model, tx, state)
-  idx, valid = train.epoch_batches(n, batch_size, config.seed, 0)
+  run = train.create_setup(config, prep, total_steps=steps * epochs, rng=0)
+  mesh, data, step_fn, state = run.mesh, run.data, run.step_fn, run.state
+  idx, valid = input_pipeline.epoch_batches(n, batch_size, config.seed, 0)
   # The same [steps, B] shape as the loop's, so both run one compiled step.
-  idx_d, valid_d = train.put_batches(idx[:steps], mesh), train.put_batches(valid[:steps], mesh)
+  idx_d, valid_d = sharding.put_batches(idx[:steps], mesh), sharding.put_batches(valid[:steps], mesh)
   t0 = time.perf_counter()
   state, loss = step_fn(state, data, idx_d, valid_d, 0)
   jax.block_until_ready(loss)
@@ -66,9 +64,9 @@ def measure(config, batch_size: int, epochs: int = 2, max_steps: int = 0) -> dic
     return jax.block_until_ready(state)
 
   def loop(state, epoch):
-    e_idx, e_valid = train.epoch_batches(n, batch_size, config.seed, epoch)
-    state, _ = train.run_epoch(state, step_fn, data, train.put_batches(e_idx[:steps], mesh),
-                               train.put_batches(e_valid[:steps], mesh), 0)
+    e_idx, e_valid = input_pipeline.epoch_batches(n, batch_size, config.seed, epoch)
+    state, _ = train.run_epoch(state, step_fn, data, sharding.put_batches(e_idx[:steps], mesh),
+                               sharding.put_batches(e_valid[:steps], mesh), 0)
     return jax.block_until_ready(state)
 
   for i in range(min(steps, 10)):  # warm-up: allocator, autotuning, caches
@@ -95,7 +93,7 @@ def measure(config, batch_size: int, epochs: int = 2, max_steps: int = 0) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m twotower_jax.bench train", description=__doc__,
+  p = argparse.ArgumentParser(prog="python benchmarks/bench.py train", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default="configs/seed.py")
   p.add_argument("--batch_sizes", default="2048,8192")
@@ -112,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
   config = config_lib.load_config_file(args.config)
   for item in args.set:
     config_lib.set_path(config, *item.split("=", 1))
-  train.configure_cpu_devices(config.cpu_devices,
+  sharding.configure_cpu_devices(config.cpu_devices,
                               int(args.batch_sizes.split(",")[0]))
   results = []
   header = {"device": str(jax.devices()[0]), "device_count": jax.device_count(),

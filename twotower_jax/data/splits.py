@@ -1,0 +1,81 @@
+"""Train/test splits of the ratings: seeded, random, temporal, leave-last-out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from twotower_jax.data.dataset import DataError
+
+SPLIT_KINDS = ("seed", "random", "temporal", "leave_last_out")
+
+
+def _num_rows(ratings: Mapping[str, np.ndarray]) -> int:
+  if "user_id" not in ratings:
+    raise DataError(f"ratings have no 'user_id' column (columns: {sorted(ratings)}). "
+                    "Fix: pass Dataset.ratings as returned by twotower_jax.data.sources.load_dataset.")
+  return int(np.shape(ratings["user_id"])[0])
+
+
+def _fraction_count(n: int, test_fraction: float) -> int:
+  if not 0.0 < test_fraction < 1.0:
+    raise DataError(f"test_fraction={test_fraction} must be strictly between 0 and 1. "
+                    "Fix: set --config.data.test_fraction=0.2 (for example).")
+  n_test = round(test_fraction * n)
+  if n_test < 1 or n_test >= n:
+    raise DataError(f"test_fraction={test_fraction} of {n} ratings leaves {n_test} test and "
+                    f"{n - n_test} train ratings; both need at least one. Fix: change "
+                    "--config.data.test_fraction or use more data.")
+  return n_test
+
+
+def split_indices(ratings: Mapping[str, np.ndarray], kind: str, *, seed: int,
+                  test_fraction: float = 0.2, train_size: int = 80_000,
+                  test_size: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
+  """(train_idx, test_idx) into ``ratings``, each sorted ascending, disjoint.
+
+  kinds: ``seed`` (seeded permutation: first ``train_size`` train, next
+  ``test_size`` test, like the TFRS retrieval tutorial, whose test set is the
+  remaining 20,000 of 100K: pass ``test_size=20_000`` to match its sizes; the
+  permutation itself differs from TensorFlow's), ``random`` (seeded,
+  ``test_fraction`` test), ``temporal`` (latest ``test_fraction`` by timestamp
+  is test; ties by position), ``leave_last_out`` (each user's latest rating is
+  test; ties by position; single-rating users stay in train).
+  """
+  n = _num_rows(ratings)
+  if kind == "seed":
+    if train_size < 1 or test_size < 1 or train_size + test_size > n:
+      raise DataError(
+          f"split 'seed' with train_size={train_size}, test_size={test_size} needs "
+          f"1..{n} ratings in total, the data has {n}. Fix: lower "
+          "--config.data.train_size/test_size or use split='random'.")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[:train_size]), np.sort(perm[train_size:train_size + test_size])
+  if kind == "random":
+    n_test = _fraction_count(n, test_fraction)
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+  if kind in ("temporal", "leave_last_out") and "timestamp" not in ratings:
+    raise DataError(f"split {kind!r} needs a 'timestamp' column; ratings have "
+                    f"{sorted(ratings)}. Fix: use split='random'.")
+  if kind == "temporal":
+    n_test = _fraction_count(n, test_fraction)
+    order = np.argsort(np.asarray(ratings["timestamp"]), kind="stable")
+    return np.sort(order[:n - n_test]), np.sort(order[n - n_test:])
+  if kind == "leave_last_out":
+    users_N = np.asarray(ratings["user_id"])
+    order = np.lexsort((np.arange(n), np.asarray(ratings["timestamp"]), users_N))
+    users_sorted = users_N[order]
+    is_last = np.ones(n, bool)
+    is_last[:-1] = users_sorted[1:] != users_sorted[:-1]
+    is_first = np.ones(n, bool)
+    is_first[1:] = users_sorted[1:] != users_sorted[:-1]
+    test_sorted = is_last & ~is_first  # latest rating of users with >= 2 ratings
+    test = np.sort(order[test_sorted])
+    if test.size == 0:
+      raise DataError("split 'leave_last_out': no user has two or more ratings, so the test "
+                      "set is empty. Fix: use split='random'.")
+    return np.sort(order[~test_sorted]), test
+  raise DataError(f"unknown split {kind!r}. Fix: set --config.data.split to one of "
+                  f"{', '.join(SPLIT_KINDS)} or 'files'.")
