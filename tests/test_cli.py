@@ -1,5 +1,6 @@
 """The command line: training, recommend, export_ranker, and every bad input's message."""
 
+import json
 import os
 import pathlib
 import re
@@ -171,7 +172,7 @@ def test_unknown_config_key_suggests_the_right_one(data_dir, tmp_path):
                  "--config.train.batch_sze=3")
   assert proc.returncode == 2
   assert "Unknown config key" in proc.stderr and "batch_sze" in proc.stderr
-  assert 'Did you mean "batch_size"' in proc.stderr and "Traceback" not in proc.stderr
+  assert "Did you mean 'batch_size'?" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_unknown_key_in_a_config_file(data_dir, tmp_path):
@@ -216,3 +217,93 @@ def test_malformed_line_names_file_and_line(data_dir, tmp_path):
 def test_recommend_without_a_trained_run(tmp_path):
   proc = run_cli("--mode=recommend", f"--workdir={tmp_path}", "--user_id=1")
   assert proc.returncode == 2 and "Train first" in proc.stderr
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--age=-30", "'raw_user_age' (--age) is -30 (row 0), outside the range seen in training"),
+    ("--age=1e30", "'raw_user_age' (--age) is 1e+30 (row 0), outside the range seen in training"),
+    ("--age=nan", "'raw_user_age' (--age) must be a finite number; got nan"),
+    ("--time=100000000000000000000", "'timestamp' (--time) is 1e+20 (row 0), outside the range "
+                                     "seen in training"),
+    ("--time=-1", "'timestamp' (--time) is -1 (row 0), outside the range seen in training"),
+])
+def test_recommend_rejects_values_outside_the_training_range(trained, flag, expected):
+  workdir, _ = trained
+  features = {"--age": "--age=30", "--time": "--time=880000000"}
+  features[flag.split("=")[0]] = flag
+  proc = run_cli("--mode=recommend", f"--workdir={workdir}", "--gender=F",
+                 "--occupation=engineer", *features.values())
+  assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+  assert expected in proc.stderr, proc.stderr
+  if "range" in expected:  # the message gives the range: ages 7..73 in the synthetic users
+    assert ("7 to 73" if "age" in flag else " to ") in proc.stderr
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--top_n=0", "--top_n=0: 0 is not a positive integer"),
+    ("--top_n=-3", "--top_n=-3: -3 is not a positive integer"),
+    ("--bottom_n=-1", "--bottom_n=-1: -1 is not a non-negative integer"),
+])
+def test_recommend_counts_must_be_positive(trained, flag, expected):
+  workdir, _ = trained
+  proc = run_cli("--mode=recommend", f"--workdir={workdir}", "--user_id=3", flag)
+  assert proc.returncode == 2 and proc.stdout == ""  # used to print nothing with exit 0
+  assert expected in proc.stderr, proc.stderr
+
+
+def test_export_refuses_train_split_with_exclude_rated(trained, tmp_path):
+  workdir, _ = trained
+  out = tmp_path / "train.csv"
+  proc = run_cli("--mode=export_ranker", f"--workdir={workdir}", "--export_split=train",
+                 "--exclude_rated", "--top_n=5", "--max_queries=3", f"--export_path={out}")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert "--exclude_rated cannot be used with --export_split=train" in proc.stderr
+  assert "every row would get label 0" in proc.stderr
+  assert not out.exists()
+  # Without --exclude_rated each training query's own movie can be retrieved (label 1).
+  run_cli("--mode=export_ranker", f"--workdir={workdir}", "--export_split=train", "--top_n=150",
+          "--max_queries=3", f"--export_path={out}", check=True)
+  from twotower_jax import export  # pylint: disable=g-import-not-at-top
+  assert export.read_ranker_csv(out)["label"].tolist().count("1") == 3
+
+
+def test_export_top_n_zero_leaves_no_file(trained, tmp_path):
+  workdir, _ = trained
+  out = tmp_path / "ranker.csv"
+  proc = run_cli("--mode=export_ranker", f"--workdir={workdir}", "--top_n=0",
+                 f"--export_path={out}")
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert "--top_n=0" in proc.stderr
+  assert list(tmp_path.iterdir()) == []  # used to leave a header-only CSV
+
+
+@pytest.fixture
+def moved_run(trained, tmp_path):
+  """A copy of the trained run whose data folder (pinned in config.json) has moved."""
+  workdir, _ = trained
+  run = tmp_path / "run"
+  shutil.copytree(workdir, run, ignore=shutil.ignore_patterns("checkpoints", "tb", "*.csv"))
+  cfg = json.loads((run / "config.json").read_text())
+  gone = tmp_path / "moved-away"
+  cfg["data"]["dir"] = str(gone)
+  (run / "config.json").write_text(json.dumps(cfg))
+  return run, gone
+
+
+def test_export_after_the_data_moved_advises_what_works(moved_run, data_dir):
+  run, gone = moved_run
+  args = ("--mode=export_ranker", f"--workdir={run}", "--top_n=3", "--max_queries=2")
+  proc = run_cli(*args, env={"TWOTOWER_DATA_DIR": ""})
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  assert f"trained on the data in {gone} (config.json's data.dir), which does not exist" in (
+      proc.stderr)
+  assert "pass --data_dir=PATH or `export TWOTOWER_DATA_DIR=PATH`" in proc.stderr
+  assert "--config.data.dir" not in proc.stderr  # export rejects that flag
+  # Both fixes work: --data_dir, and $TWOTOWER_DATA_DIR once the pinned folder is gone.
+  ok = run_cli(*args, f"--data_dir={data_dir}", env={"TWOTOWER_DATA_DIR": ""}, check=True)
+  assert "Wrote 6 rows" in ok.stdout
+  ok = run_cli(*args, env={"TWOTOWER_DATA_DIR": str(data_dir)}, check=True)
+  assert "Wrote 6 rows" in ok.stdout
+  assert f"{gone} does not exist: reading $TWOTOWER_DATA_DIR={data_dir} instead" in ok.stderr
+  bad = run_cli(*args, f"--data_dir={gone}", env={"TWOTOWER_DATA_DIR": ""})
+  assert bad.returncode == 2 and f"--data_dir={gone} does not exist" in bad.stderr

@@ -660,6 +660,7 @@ def _file(draw, name, max_lines=8):
 def _check(path, parse, expect, text):
   """Runs ``parse`` on ``text``: equal to the reference, or DataError naming a bad line."""
   path.write_bytes(text.encode("latin-1"))
+  text = dataset.decode_text(text.encode("latin-1"))  # UTF-8 when valid, as the parsers read
   got_ok, bad = expect(text) if _ref_lines(text) is not None else (None, None)
   try:
     got = parse(path)

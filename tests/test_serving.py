@@ -115,3 +115,38 @@ def test_unknown_user_is_a_clear_error(trained):
   rec = serving.load(workdir)
   with pytest.raises(serving.ServingError, match="User id 99999 has no training ratings"):
     rec.user_features([99999])
+
+
+@pytest.mark.parametrize("lowest", [False, True])
+def test_padding_slots_have_no_title_or_genres(trained, lowest):
+  """k above the catalogue (150 movies) or after exclusions: id -1, score -inf, no title."""
+  workdir, _ = trained
+  rec = serving.load(workdir)
+  feats = rec.user_features([3])
+  num_movies = len(rec.index.ids_N)
+  r = rec.recommend(feats, num_movies + 5, lowest=lowest)
+  assert r.movie_id.shape == r.score.shape == r.movie_title.shape == (1, num_movies + 5)
+  pad = r.movie_id[0] < 0
+  assert pad.sum() == 5 and pad[-5:].all()
+  assert np.isneginf(r.score[0][pad]).all() and np.isfinite(r.score[0][~pad]).all()
+  assert r.movie_title[0][pad].tolist() == [""] * 5  # was the title of catalogue row 0
+  assert r.genres[0][-5:] == [[]] * 5
+  assert all(t and g for t, g in zip(r.movie_title[0][~pad], r.genres[0][:num_movies]))
+  rated = rec.rated([3])[0]
+  r = rec.recommend(feats, num_movies, exclude_ids=[rated], lowest=lowest)
+  pad = r.movie_id[0] < 0
+  assert pad.sum() == len(rated)
+  assert set(r.movie_title[0][pad].tolist()) == {""} and not any(r.genres[0][-len(rated):])
+
+
+@pytest.mark.parametrize("name", ["query_params.npz", "candidates.npz", "users.npz",
+                                  "encoders.npz"])
+def test_empty_file_is_reported_as_corrupt(trained, tmp_path, name):
+  workdir, _ = trained
+  broken = tmp_path / "empty"
+  shutil.copytree(workdir / "serving", broken)
+  (broken / name).write_bytes(b"")  # used to raise EOFError
+  with pytest.raises(serving.ServingError) as e:
+    serving.load(broken)
+  assert f"Serving directory {broken} is corrupt: " in str(e.value)
+  assert name in str(e.value) and "retrain into a fresh workdir" in str(e.value)

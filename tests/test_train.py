@@ -2,11 +2,15 @@
 
 import json
 import pathlib
+import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
+from twotower_jax import checkpoints
 from twotower_jax import config as config_lib
 from twotower_jax import serving
 from twotower_jax import train
@@ -14,6 +18,7 @@ from twotower_jax import input_pipeline
 from twotower_jax import sharding
 from twotower_jax import model as model_lib
 from twotower_jax import features as feat
+from twotower_jax import workdir as workdir_lib
 from twotower_jax.data import dataset
 from conftest import write_synthetic_ml100k
 
@@ -100,22 +105,95 @@ def test_serving_directory_recommends(tiny_run):
 
 
 def test_resume_equals_uninterrupted_run(ml100k_dir, tmp_path, tiny_run):
-  _, full = tiny_run
+  """A run that lost its checkpoints after a mid-epoch one (as if killed there) resumes to
+  the same metrics, and its resumed epoch's loss is that of the whole epoch."""
+  full_dir, full = tiny_run
   workdir = tmp_path / "resumed"
-  first = train.train_and_evaluate(tiny_config(ml100k_dir, **{"train.num_epochs": 1}),
-                                   str(workdir))
-  second = train.train_and_evaluate(tiny_config(ml100k_dir), str(workdir))
-  assert second["resumed_from_step"] == first["steps"] > 0
+  cfg = tiny_config(ml100k_dir, **{"train.max_checkpoints": 100})  # not part of the run
+  train.train_and_evaluate(cfg, str(workdir))
+  steps_per_epoch, every = full["steps"] // cfg.train.num_epochs, cfg.train.checkpoint_every_steps
+  mid = (steps_per_epoch // every + 2) * every  # a checkpoint a few steps into epoch 2
+  assert steps_per_epoch + 1 < mid < full["steps"]
+  for ckpt in (workdir / "checkpoints").iterdir():
+    if int(ckpt.name) > mid:
+      shutil.rmtree(ckpt)
+  rows = (workdir / "metrics.jsonl").read_text().splitlines()
+  (workdir / "metrics.jsonl").write_text(rows[0] + "\n")  # killed during epoch 2
+  second = train.train_and_evaluate(cfg, str(workdir))
+  assert second["resumed_from_step"] == mid
   assert second["steps"] == full["steps"]
   for k in (1, 10, 100):
     assert second[f"top_{k}_accuracy"] == pytest.approx(full[f"top_{k}_accuracy"], abs=1e-9)
   assert second["include_seen/mrr"] == pytest.approx(full["include_seen/mrr"], rel=1e-5)
+  want = [json.loads(x) for x in (full_dir / "metrics.jsonl").read_text().splitlines()]
+  got = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["epoch"] for r in got] == [1, 2]
+  assert got[1]["loss"] == pytest.approx(want[1]["loss"], rel=1e-6)
 
 
 def test_non_finite_loss_stops_with_the_step(ml100k_dir, tmp_path):
   cfg = tiny_config(ml100k_dir, **{"optimizer.name": "sgd", "optimizer.learning_rate": 1e30})
   with pytest.raises(train.NonFiniteLossError, match=r"at step \d+"):
     train.train_and_evaluate(cfg, str(tmp_path / "nan"))
+
+
+def _checkpoint_losses(cfg, workdir):
+  """{step: loss of that checkpoint's parameters on the first batch of epoch 0}."""
+  run = train.create_setup(cfg)
+  idx, valid = input_pipeline.epoch_batches(len(run.prep.train_item), cfg.train.batch_size,
+                                            cfg.seed, 0)
+  batch = train.gather_batch(run.data, jnp.asarray(idx[0]), jax.random.key(0), 0)
+  mngr = checkpoints.checkpoint_manager(workdir, 10)
+  try:
+    out = {}
+    for step in mngr.all_steps():
+      state = mngr.restore(step, args=ocp.args.StandardRestore(run.state))
+      out[step] = float(train.loss_fn(state.params, state, run.data, batch,
+                                      jnp.asarray(valid[0]), model=run.model,
+                                      loss_cfg=cfg.loss))
+    return out
+  finally:
+    mngr.close()
+
+
+def test_divergence_never_checkpoints_a_diverged_state(ml100k_dir, tmp_path):
+  """SGD at 30 blows up within 5 steps while the loss of step 5 (computed before its
+  update) is still finite: the state after step 5 must not become "the last good"
+  checkpoint. The error says how to go on, and the workdir is left unlocked."""
+  cfg = tiny_config(ml100k_dir, **{"optimizer.name": "sgd", "optimizer.learning_rate": 30.0,
+                                   "train.num_epochs": 1})
+  workdir = tmp_path / "diverged"
+  with pytest.raises(train.NonFiniteLossError) as e:
+    train.train_and_evaluate(cfg, str(workdir))
+  losses = _checkpoint_losses(cfg, workdir)
+  assert all(np.isfinite(v) for v in losses.values()), losses
+  message = str(e.value)
+  assert "at step 5" in message
+  assert "lower optimizer.learning_rate" in message and "--overwrite" in message
+  assert "new --workdir" in message
+  with workdir_lib.Lock(workdir):  # released although the run raised
+    pass
+  # A lower learning rate in the same workdir needs --overwrite.
+  cfg.optimizer.learning_rate = 0.5
+  with pytest.raises(workdir_lib.WorkdirError, match="optimizer.learning_rate 30.0 -> 0.5"):
+    train.train_and_evaluate(cfg, str(workdir))
+  m = train.train_and_evaluate(cfg, str(workdir), overwrite=True)
+  assert m["resumed_from_step"] == 0 and m["steps"] > 5
+
+
+def test_checkpoint_steps_check_the_state_not_only_the_loss(ml100k_dir):
+  """``check_state`` rejects a state with a non-finite value even when the loss is finite."""
+  cfg = tiny_config(ml100k_dir)
+  run = train.create_setup(cfg)
+  check = train.make_state_check_fn(run.model, cfg.loss, run.mesh)
+  idx, valid = input_pipeline.epoch_batches(len(run.prep.train_item), cfg.train.batch_size,
+                                            cfg.seed, 0)
+  idx, valid = jnp.asarray(idx), jnp.asarray(valid)
+  train.check_state(check, run.state, run.data, idx, valid, 0, 1)  # a fresh state is good
+  bad = jax.tree_util.tree_map(lambda x: x.at[0].set(jnp.inf) if x.ndim else x,
+                               run.state.opt_state)
+  with pytest.raises(train.NonFiniteLossError, match="diverged at step 7"):
+    train.check_state(check, run.state.replace(opt_state=bad), run.data, idx, valid, 0, 7)
 
 
 def test_golden_first_step(ml100k_dir):

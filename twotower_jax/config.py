@@ -1,12 +1,22 @@
-"""Config helpers: load config files, reject unknown keys with a suggestion."""
+"""Config helpers: load config files, reject unknown keys with a suggestion, check values.
+
+``validate(config)`` checks every value before any work starts and raises one
+:class:`ConfigError` listing every bad value with its valid range and the fix;
+``check_against_data(config, num_items)`` adds the checks that need the data.
+"""
 
 from __future__ import annotations
 
 import difflib
 import importlib.util
+import math
+import numbers
 import pathlib
+from collections.abc import Callable, Sequence
 
 import ml_collections
+
+from twotower_jax.data import splits
 
 
 def load_config_file(path: str | pathlib.Path, arg: str | None = None) -> ml_collections.ConfigDict:
@@ -161,3 +171,307 @@ def base_config() -> ml_collections.ConfigDict:
   c.serve.bottom_n = 0
   c.serve.exclude_rated = False
   return c
+
+
+# ----------------------------------------------------------------------------
+# Value checks: one pass over every key, before any work starts.
+
+# The accepted values of each choice key. Modules above this one act on them (they import
+# config, so config cannot import them back); tests/test_config_validation.py checks these
+# lists against data/sources.py LOADERS, features.py, and train.create_optimizer.
+DATA_SOURCES = ("grouplens", "tfds", "ml-1m", "ml-20m", "ml-25m", "ml-latest", "synthetic")
+DATA_SPLITS = (*splits.SPLIT_KINDS, "files")
+GENRE_MODES = ("first", "all", "none")
+LOGQ_MODES = ("none", "counts", "streaming")
+OPTIMIZERS = ("adagrad", "adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
+
+QUERY_FEATURES = ("user_id", "age", "gender", "occupation", "time")
+
+
+class ConfigError(ValueError):
+  """Bad config values; the message lists every problem, one a line, each with its fix."""
+
+  def __init__(self, problems: Sequence[str]):
+    self.problems = list(problems)
+    n = len(self.problems)
+    super().__init__(f"Invalid config ({n} problem{'' if n == 1 else 's'}):\n"
+                     + "\n".join(f"  {p}" for p in self.problems))
+
+
+# A check takes (value, example: the key's default) and returns None, or what is wrong
+# and how to fix it (a sentence).
+Check = Callable[[object, object], "str | None"]
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int_at_least(low: int, what: str) -> Check:
+  def check(v, eg):
+    return None if _is_int(v) and v >= low else f"must be {what} (e.g. {eg!r})."
+  return check
+
+
+def _real(what: str, ok: Callable[[float], bool]) -> Check:
+  def check(v, eg):
+    return None if _is_real(v) and ok(v) else f"must be {what} (e.g. {eg!r})."
+  return check
+
+
+def _one_of(choices: Sequence[str]) -> Check:
+  def check(v, eg):
+    if isinstance(v, str) and v in choices:
+      return None
+    hint = suggest(v, choices) if isinstance(v, str) else ""
+    return (f"must be one of {', '.join(map(repr, choices))}."
+            f"{hint or f' E.g. {eg!r}.'}")
+  return check
+
+
+def _string(what: str) -> Check:
+  def check(v, eg):
+    del eg
+    return None if isinstance(v, str) else f"must be a string: {what}."
+  return check
+
+
+def _bool(v, eg) -> str | None:
+  del eg
+  return None if isinstance(v, bool) else "must be True or False."
+
+
+def _layer_widths(v, eg) -> str | None:
+  if not isinstance(v, (tuple, list)) or not v:
+    return f"must be a non-empty tuple of layer widths, e.g. {eg!r}."
+  if not all(_is_int(w) and w >= 1 for w in v):
+    return f"every layer width must be a positive integer, e.g. {eg!r}."
+  return None
+
+
+def _cutoffs(v, eg) -> str | None:
+  if not isinstance(v, (tuple, list)) or not v or not all(_is_int(k) and k >= 1 for k in v):
+    return f"must be a non-empty tuple of positive integers (top-k cutoffs), e.g. {eg!r}."
+  repeated = sorted({int(k) for k in v if list(v).count(k) > 1})
+  if repeated:
+    return (f"the cutoffs must be distinct ({', '.join(map(str, repeated))} repeated), "
+            f"e.g. {eg!r}.")
+  return None
+
+
+_POSITIVE = _int_at_least(1, "a positive integer")
+_NON_NEGATIVE = _int_at_least(0, "an integer >= 0")
+_POSITIVE_REAL = _real("a finite number > 0", lambda x: x > 0)
+_NON_NEGATIVE_REAL = _real("a finite number >= 0", lambda x: x >= 0)
+
+# Every key of base_config() and its check (a test asserts that none is missing).
+CHECKS: dict[str, Check] = {
+    "name": _string("the run's name, e.g. 'default'"),
+    "seed": _int_at_least(0, "an integer >= 0"),
+    "cpu_devices": _int_at_least(0, "an integer >= 0 (0: one device per core)"),
+    "distributed": _bool,
+    "coordinator_address": _string("'host:port' of process 0, or '' to auto-detect"),
+    "num_processes": _int_at_least(0, "an integer >= 0 (0: auto-detect)"),
+    "process_id": _int_at_least(-1, "an integer >= -1 (-1: auto-detect)"),
+    "data.source": _one_of(DATA_SOURCES),
+    "data.dir": _string("a folder path, or '' for the default lookup"),
+    "data.download": _bool,
+    "data.tfds_data_dir": _string("a folder path, or '' for TFDS's default"),
+    "data.split": _one_of(DATA_SPLITS),
+    "data.train_size": _POSITIVE,
+    "data.test_size": _POSITIVE,
+    "data.test_fraction": _real("a number in (0, 1): the test share", lambda x: 0 < x < 1),
+    "data.train_file": _string("a ratings file path (split='files'), or ''"),
+    "data.test_file": _string("a ratings file path (split='files'), or ''"),
+    "data.synthetic_users": _POSITIVE,
+    "data.synthetic_items": _POSITIVE,
+    "data.synthetic_interactions": _POSITIVE,
+    "data.synthetic_clusters": _POSITIVE,
+    "data.synthetic_affinity": _real("a number in [0, 1]", lambda x: 0 <= x <= 1),
+    "data.synthetic_zipf_a": _real("a finite number >= 0 (0: uniform popularity)",
+                                   lambda x: x >= 0),
+    "data.synthetic_seed": _int_at_least(0, "an integer >= 0"),
+    "features.user_id": _bool,
+    "features.age": _bool,
+    "features.gender": _bool,
+    "features.occupation": _bool,
+    "features.time": _bool,
+    "features.num_time_buckets": _int_at_least(2, "an integer >= 2"),
+    "features.title": _bool,
+    "features.genres": _one_of(GENRE_MODES),
+    "features.title_words": _bool,
+    "features.max_title_words": _POSITIVE,
+    "features.max_vocab": _POSITIVE,
+    "features.release_year": _bool,
+    "model.mlp": _layer_widths,
+    "model.user_dim": _POSITIVE,
+    "model.gender_dim": _POSITIVE,
+    "model.occupation_dim": _POSITIVE,
+    "model.time_dim": _POSITIVE,
+    "model.title_dim": _POSITIVE,
+    "model.genre_dim": _POSITIVE,
+    "model.word_dim": _POSITIVE,
+    "model.year_dim": _POSITIVE,
+    "model.l2_normalize": _bool,
+    "model.temperature": _POSITIVE_REAL,
+    "model.learn_temperature": _bool,
+    "model.table_rows_multiple": _int_at_least(1, "a positive integer (1: no padding)"),
+    "loss.logq": _one_of(LOGQ_MODES),
+    "loss.streaming_buckets": _POSITIVE,
+    "loss.streaming_alpha": _real("a number in (0, 1]", lambda x: 0 < x <= 1),
+    "loss.remove_accidental_hits": _bool,
+    "loss.num_hard_negatives": _int_at_least(0, "an integer >= 0 (0: all in-batch negatives)"),
+    "loss.num_uniform_negatives": _NON_NEGATIVE,
+    "optimizer.name": _one_of(OPTIMIZERS),
+    "optimizer.learning_rate": _POSITIVE_REAL,
+    "optimizer.schedule": _one_of(SCHEDULES),
+    "optimizer.warmup_steps": _NON_NEGATIVE,
+    "optimizer.weight_decay": _NON_NEGATIVE_REAL,
+    "optimizer.grad_clip_norm": _real("a finite number >= 0 (0: off)", lambda x: x >= 0),
+    "optimizer.sparse_embeddings": _bool,
+    "train.batch_size": _POSITIVE,
+    "train.num_epochs": _POSITIVE,
+    "train.shard_embeddings": _bool,
+    "train.recency_half_life_days": _real("a finite number >= 0 (0: off)", lambda x: x >= 0),
+    "train.checkpoint_every_steps": _POSITIVE,
+    "train.max_checkpoints": _POSITIVE,
+    "train.progress": _bool,
+    "eval.ks": _cutoffs,
+    "eval.batch_size": _POSITIVE,
+    "eval.baselines": _bool,
+    "serve.top_n": _POSITIVE,
+    "serve.bottom_n": _NON_NEGATIVE,
+    "serve.exclude_rated": _bool,
+}
+
+
+def _show(value) -> str:
+  """``value`` as it is written after ``key=`` in a message: one line, at most 80 chars."""
+  if isinstance(value, ml_collections.ConfigDict):
+    value = value.to_dict()
+  elif _is_int(value):
+    value = int(value)
+  elif isinstance(value, (tuple, list)):
+    value = type(value)(int(v) if _is_int(v) else v for v in value)
+  text = repr(value).replace("\n", " ")
+  return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _leaves(node, prefix: str = ""):
+  """(dotted key, value) of every non-section key under ``node``."""
+  for key, value in node.items():
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+_MISSING = object()
+
+
+def _lookup(config, dotted: str):
+  """(value or _MISSING, the dotted name of a section that is set to a plain value)."""
+  node = config
+  *path, last = dotted.split(".")
+  for i, part in enumerate(path):
+    if part not in node:
+      return _MISSING, None
+    node = node[part]
+    if not isinstance(node, (ml_collections.ConfigDict, dict)):
+      return _MISSING, ".".join(path[:i + 1])
+  return (node[last] if last in node else _MISSING), None
+
+
+def _cross_checks(ok: dict) -> list[str]:
+  """Problems that involve several keys; only keys whose own check passed are in ``ok``."""
+  problems = []
+
+  def have(*keys):
+    return all(k in ok for k in keys)
+
+  if have("data.split") and ok["data.split"] == "files":
+    for key, example in (("train_file", "u1.base"), ("test_file", "u1.test")):
+      if have(f"data.{key}") and not ok[f"data.{key}"]:
+        problems.append(f"data.{key}='': data.split='files' needs it (a u.data-format "
+                        f"ratings file); set e.g. --config.data.{key}={example}.")
+  if (have("data.source", "data.synthetic_clusters", "data.synthetic_items")
+      and ok["data.source"] == "synthetic"
+      and ok["data.synthetic_clusters"] > ok["data.synthetic_items"]):
+    items = ok["data.synthetic_items"]
+    problems.append(f"data.synthetic_clusters={ok['data.synthetic_clusters']}: more clusters "
+                    f"than the {items} items of data.synthetic_items; use at most {items}.")
+  query = [f"features.{k}" for k in QUERY_FEATURES]
+  if have(*query) and not any(ok[k] for k in query):
+    problems.append(f"{', '.join(f'{k}=False' for k in query)}: the query tower has no input; "
+                    "set one to True, e.g. --config.features.user_id=True.")
+  cand = ("features.title", "features.genres", "features.title_words", "features.release_year")
+  if have(*cand) and not (ok["features.title"] or ok["features.genres"] != "none"
+                          or ok["features.title_words"] or ok["features.release_year"]):
+    problems.append("features.title=False, features.genres='none', features.title_words=False, "
+                    "features.release_year=False: the candidate tower has no input; enable "
+                    "one, e.g. --config.features.title=True.")
+  if (have("optimizer.sparse_embeddings", "features.user_id", "features.title")
+      and ok["optimizer.sparse_embeddings"]
+      and not (ok["features.user_id"] or ok["features.title"])):
+    problems.append("optimizer.sparse_embeddings=True: needs a user-id or title embedding "
+                    "table; set features.user_id=True or features.title=True, or turn "
+                    "sparse_embeddings off.")
+  if (have("distributed", "coordinator_address", "num_processes", "process_id")
+      and ok["distributed"] and ok["coordinator_address"]):
+    n, rank = ok["num_processes"], ok["process_id"]
+    if n < 1:
+      problems.append(f"num_processes={n}: with distributed=True and a coordinator_address it "
+                      "must be the number of processes, e.g. --config.num_processes=2.")
+    elif not 0 <= rank < n:
+      problems.append(f"process_id={rank}: with distributed=True and a coordinator_address it "
+                      f"must be this process's rank in [0, {n}), e.g. --config.process_id=0.")
+  return problems
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every value of ``config`` (each key of :func:`base_config`) before any work.
+
+  Raises:
+    ConfigError: one message listing every bad value with its valid range and the fix.
+  """
+  problems, ok, bad_sections = [], {}, set()
+  for key, default in _leaves(base_config()):
+    value, not_a_section = _lookup(config, key)
+    if not_a_section is not None and not_a_section not in bad_sections:
+      bad_sections.add(not_a_section)
+      problems.append(f"{not_a_section}={_show(_lookup(config, not_a_section)[0])}: must be a "
+                      f"section of keys (like {key}), not a value; remove this setting.")
+    if value is _MISSING or key not in CHECKS:
+      continue
+    problem = CHECKS[key](value, default)
+    if problem is None:
+      ok[key] = value
+    else:
+      problems.append(f"{key}={_show(value)}: {problem}")
+  problems += _cross_checks(ok)
+  if problems:
+    raise ConfigError(problems)
+
+
+def check_against_data(config: ml_collections.ConfigDict, num_items: int) -> None:
+  """The checks that need the data: ``num_items`` is the catalogue size.
+
+  Raises:
+    ConfigError: e.g. an ``eval.ks`` cutoff above the catalogue size.
+  """
+  problems = []
+  ks = config.eval.ks
+  if _cutoffs(ks, ()) is None:
+    above = [int(k) for k in ks if k > num_items]
+    if above:
+      one = len(above) == 1
+      problems.append(f"eval.ks={_show(ks)}: {', '.join(map(str, above))} "
+                      f"{'is' if one else 'are'} above the {num_items} items of the catalogue; "
+                      f"drop {'it' if one else 'them'} or use ks <= {num_items}.")
+  if problems:
+    raise ConfigError(problems)

@@ -10,56 +10,169 @@ trains on: the retrieval stage's own candidates, not random pairs.
 
 from __future__ import annotations
 
+import copy
 import csv
+import logging
+import os
 import pathlib
+import tempfile
 
 import numpy as np
 
 from twotower_jax import serving
-from twotower_jax.data import sources
+from twotower_jax.data import download, sources
+from twotower_jax.data.dataset import DataError
 
 QUERY_COLUMNS = ("user_id", "raw_user_age", "bucketized_user_age", "user_gender",
                  "user_occupation_text", "user_zip_code", "timestamp")
+SPLITS = ("train", "test")
+_log = logging.getLogger(__name__)
+
+
+class ExportError(ValueError):
+  """Export arguments that cannot work together; the message says which and what to do."""
+
+
+def check_args(*, split: str, top_n: int, max_queries: int, exclude_rated: bool,
+               batch_size: int = 1024) -> None:
+  """Raises :class:`ExportError` for arguments export_ranker cannot honour."""
+  if split not in SPLITS:
+    raise ExportError(f"--export_split must be one of {', '.join(SPLITS)}; got {split!r}.")
+  for name, value, low in (("top_n", top_n, 1), ("max_queries", max_queries, 0),
+                           ("batch_size", batch_size, 1)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+      raise ExportError(f"--{name} must be an integer >= {low}; got {value!r}.")
+  if split == "train" and exclude_rated:
+    raise ExportError(
+        "--exclude_rated cannot be used with --export_split=train: each training query's own "
+        "movie is one the user rated in training, so it would be excluded and every row would "
+        "get label 0. Drop --exclude_rated, or export --export_split=test.")
+
+
+def locate_data(config, data_dir: str | None = None):
+  """The run's config with ``data.dir`` pointing at the data to read now (a copy if changed).
+
+  ``data_dir`` (``--data_dir``) wins. Otherwise the folder the run was trained on
+  (config.json's ``data.dir``) is kept while it still holds the data; when it has moved,
+  ``$TWOTOWER_DATA_DIR`` is used instead (ML-100K), and without it the error names both fixes.
+  A run trained without ``data.dir`` uses the usual lookup (``$TWOTOWER_DATA_DIR``, cache).
+  """
+  data = config.data
+  source = str(data.get("source", "grouplens") or "grouplens")
+  if data_dir:
+    path = pathlib.Path(data_dir).expanduser()
+    problem = _data_problem(path, source)
+    if problem:
+      raise DataError(f"--data_dir={data_dir} {problem}. Fix: pass --data_dir=PATH with PATH "
+                      "the folder that holds the extracted data files.")
+    config = copy.deepcopy(config)
+    config.data.dir = str(path)
+    return config
+  pinned = str(data.get("dir", "") or "")
+  if source in ("synthetic", "tfds") or not pinned:
+    return config
+  problem = _data_problem(pathlib.Path(pinned).expanduser(), source)
+  if not problem:
+    return config
+  env = os.environ.get(download.DATA_DIR_ENV, "")
+  if env and source == "grouplens":
+    env_problem = _data_problem(pathlib.Path(env).expanduser(), source)
+    if env_problem:
+      raise DataError(
+          f"This run was trained on the data in {pinned} (config.json's data.dir), which "
+          f"{problem}, and ${download.DATA_DIR_ENV}={env} {env_problem}. Fix: pass "
+          "--data_dir=PATH, or point $TWOTOWER_DATA_DIR at the folder that holds u.data, "
+          "u.item and u.user.")
+    _log.info("The run's data folder %s %s: reading $%s=%s instead.", pinned, problem,
+              download.DATA_DIR_ENV, env)
+    config = copy.deepcopy(config)
+    config.data.dir = env
+    return config
+  fix = ("--data_dir=PATH or `export TWOTOWER_DATA_DIR=PATH` (PATH = the folder that holds "
+         "u.data, u.item and u.user)" if source == "grouplens"
+         else "--data_dir=PATH (the folder that holds the data files)")
+  raise DataError(f"This run was trained on the data in {pinned} (config.json's data.dir), "
+                  f"which {problem}. If the data moved, pass {fix}.")
+
+
+def _data_problem(path: pathlib.Path, source: str) -> str:
+  """Why ``path`` cannot be the data folder of ``source`` ('' when it can)."""
+  if not path.exists():
+    return "does not exist"
+  if source == "grouplens":
+    try:
+      download.resolve_data_dir(path, download=False)
+    except DataError:
+      missing = [n for n in download.ML100K_REQUIRED if not (path / n).is_file()]
+      return f"lacks {', '.join(missing)}"
+  return ""
 
 
 def export_ranker(config, serving_dir: pathlib.Path, out: pathlib.Path, *, split: str = "test",
                   top_n: int = 100, max_queries: int = 0, exclude_rated: bool = False,
-                  batch_size: int = 1024) -> int:
-  """Writes ``out`` (CSV with a header); returns the number of candidate rows written."""
+                  batch_size: int = 1024, data_dir: str | None = None) -> int:
+  """Writes ``out`` (CSV with a header); returns the number of candidate rows written.
+
+  Arguments are checked first (:class:`ExportError`); the file is written under a temporary
+  name in the same folder and renamed on success, so a failed export leaves nothing behind.
+  ``data_dir`` replaces the run's data folder (see :func:`locate_data`).
+  """
+  check_args(split=split, top_n=top_n, max_queries=max_queries, exclude_rated=exclude_rated,
+             batch_size=batch_size)
+  out = pathlib.Path(out)
+  if out.is_dir():
+    raise ExportError(f"--export_path={out} is a directory; give a file name, e.g. "
+                      f"{out / ('ranker_' + split + '.csv')}.")
   rec = serving.load(serving_dir)
+  config = locate_data(config, data_dir)
   dataset = sources.load_dataset(config.data)
   train, test = sources.train_test(config.data, dataset, int(config.seed))
   cols = test if split == "test" else train
   n = len(cols["user_id"])
   if max_queries:
     n = min(n, max_queries)
-  qcols = [c for c in QUERY_COLUMNS if c in cols]
-  header = (["query_index"] + qcols + ["rated_movie_id", "user_rating", "rank", "movie_id",
-                                       "movie_title", "movie_genres", "retrieval_score", "label"])
-  out = pathlib.Path(out)
   out.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+  tmp = pathlib.Path(tmp_name)
+  try:
+    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+      rows = _write_rows(csv.writer(f), rec, cols, n, top_n=top_n, exclude_rated=exclude_rated,
+                         batch_size=batch_size)
+    os.replace(tmp, out)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+  return rows
+
+
+def _write_rows(w, rec: serving.Recommender, cols, n: int, *, top_n: int, exclude_rated: bool,
+                batch_size: int) -> int:
+  """Writes the header and the candidate rows of the first ``n`` queries; returns the rows."""
+  qcols = [c for c in QUERY_COLUMNS if c in cols]
+  w.writerow(["query_index"] + qcols + ["rated_movie_id", "user_rating", "rank", "movie_id",
+                                        "movie_title", "movie_genres", "retrieval_score",
+                                        "label"])
   rows = 0
-  with open(out, "w", newline="", encoding="utf-8") as f:
-    w = csv.writer(f)
-    w.writerow(header)
-    for start in range(0, n, batch_size):
-      stop = min(start + batch_size, n)
-      feats = {c: cols[c][start:stop] for c in qcols}
-      exclude = rec.rated(feats["user_id"]) if exclude_rated else None
-      r = rec.recommend(feats, top_n, exclude_ids=exclude)
-      for i in range(stop - start):
-        qvals = [cols[c][start + i].item() for c in qcols]
-        true_id = int(cols["movie_id"][start + i])
-        rating = cols["user_rating"][start + i].item() if "user_rating" in cols else ""
-        for rank in range(top_n):
-          mid = int(r.movie_id[i, rank])
-          if mid < 0:
-            break
-          w.writerow([start + i] + qvals + [
-              true_id, rating, rank + 1, mid, r.movie_title[i, rank],
-              "|".join(r.genres[i][rank]), f"{float(r.score[i, rank]):.6g}",
-              int(mid == true_id)])
-          rows += 1
+  for start in range(0, n, batch_size):
+    stop = min(start + batch_size, n)
+    feats = {c: cols[c][start:stop] for c in qcols}
+    exclude = rec.rated(feats["user_id"]) if exclude_rated else None
+    # The split's own interactions, as they are (a later test period lies past the training
+    # range of times by construction): no range check.
+    r = rec.recommend(feats, top_n, exclude_ids=exclude, check_range=False)
+    for i in range(stop - start):
+      qvals = [cols[c][start + i].item() for c in qcols]
+      true_id = int(cols["movie_id"][start + i])
+      rating = cols["user_rating"][start + i].item() if "user_rating" in cols else ""
+      for rank in range(top_n):
+        mid = int(r.movie_id[i, rank])
+        if mid < 0:
+          break
+        w.writerow([start + i] + qvals + [
+            true_id, rating, rank + 1, mid, r.movie_title[i, rank],
+            "|".join(r.genres[i][rank]), f"{float(r.score[i, rank]):.6g}",
+            int(mid == true_id)])
+        rows += 1
   return rows
 
 

@@ -74,13 +74,22 @@ def lookup(enc: dict[str, Any], values: np.ndarray) -> np.ndarray:
 
 
 def fit_normalizer(x: np.ndarray) -> dict[str, Any]:
+  """Mean and variance of ``x``, and its training range (``min``, ``max``) for range checks."""
   x = np.asarray(x, np.float64)
-  return {"kind": "normalize", "mean": float(x.mean()), "var": float(x.var())}
+  return {"kind": "normalize", "mean": float(x.mean()), "var": float(x.var()),
+          "min": float(x.min()), "max": float(x.max())}
 
 
 def normalize(enc: dict[str, Any], x: np.ndarray) -> np.ndarray:
   std = max(np.sqrt(enc["var"]), _EPS)
   return ((np.asarray(x, np.float64) - enc["mean"]) / std).astype(np.float32)
+
+
+def value_range(enc: dict[str, Any]) -> tuple[float, float] | None:
+  """The (min, max) a normalizer saw in training; None for one fitted before it was stored."""
+  if enc.get("min") is None or enc.get("max") is None:
+    return None
+  return float(enc["min"]), float(enc["max"])
 
 
 def fit_discretizer(x: np.ndarray, num_buckets: int) -> dict[str, Any]:

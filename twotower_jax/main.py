@@ -23,13 +23,17 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, serving).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "recommend", "export_ranker", "report"],
                           "What to do.")
-_USER_ID = flags.DEFINE_integer("user_id", None, "recommend: a known user's id.")
+_USER_ID = flags.DEFINE_integer(
+    "user_id", None, "recommend: a user's id. One without training ratings is served as a new "
+    "user from --age --gender --occupation --time.")
 _AGE = flags.DEFINE_float("age", None, "recommend: user age in years.")
 _GENDER = flags.DEFINE_enum("gender", None, ["M", "F"], "recommend: user gender.")
 _OCCUPATION = flags.DEFINE_string("occupation", None, "recommend: occupation, e.g. 'engineer'.")
 _TIME = flags.DEFINE_integer("time", None, "recommend: Unix timestamp of the query.")
-_TOP_N = flags.DEFINE_integer("top_n", 10, "Number of recommendations (or exported candidates).")
-_BOTTOM_N = flags.DEFINE_integer("bottom_n", 0, "recommend: also print the N lowest-scored.")
+_TOP_N = flags.DEFINE_integer("top_n", 10, "Number of recommendations (or exported candidates).",
+                              lower_bound=1)
+_BOTTOM_N = flags.DEFINE_integer("bottom_n", 0, "recommend: also print the N lowest-scored.",
+                                 lower_bound=0)
 _EXCLUDE_RATED = flags.DEFINE_boolean("exclude_rated", False,
                                       "Exclude movies the user rated in training.")
 _ALLOW_UNKNOWN = flags.DEFINE_boolean(
@@ -39,8 +43,15 @@ _EXPORT_SPLIT = flags.DEFINE_enum("export_split", "test", ["train", "test"],
                                   "export_ranker: which split's interactions are the queries.")
 _EXPORT_PATH = flags.DEFINE_string("export_path", None,
                                    "export_ranker: output CSV (default WORKDIR/ranker_<split>.csv).")
-_MAX_QUERIES = flags.DEFINE_integer("max_queries", 0, "export_ranker: 0 = all queries.")
+_MAX_QUERIES = flags.DEFINE_integer("max_queries", 0, "export_ranker: 0 = all queries.",
+                                    lower_bound=0)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "export_ranker: the data folder, when it has moved since training "
+    "(default: the run's own, or $TWOTOWER_DATA_DIR when that one is gone).")
 _REPORT_DIRS = flags.DEFINE_list("report_dirs", [], "report: workdirs to summarize.")
+_OVERWRITE = flags.DEFINE_boolean(
+    "overwrite", False, "train: discard the run already in --workdir (checkpoints, metrics, "
+    "serving files) and train from scratch.")
 
 
 class UsageError(ValueError):
@@ -79,6 +90,7 @@ def run(argv) -> None:
       raise UsageError("--config is required for training, e.g. --config configs/default.py.")
     config = _CONFIG.value
     config_lib.check_keys(config, config_lib.base_config())
+    config_lib.validate(config)  # every value, before any data is loaded or file written
     import jax  # pylint: disable=g-import-not-at-top
     if config.distributed:
       explicit = {}
@@ -88,7 +100,7 @@ def run(argv) -> None:
       jax.distributed.initialize(**explicit)
     from twotower_jax import report, sharding, train  # pylint: disable=g-import-not-at-top
     sharding.configure_cpu_devices(config.cpu_devices, config.train.batch_size)
-    metrics = train.train_and_evaluate(config, str(workdir))
+    metrics = train.train_and_evaluate(config, str(workdir), overwrite=_OVERWRITE.value)
     if jax.process_index() != 0:  # process 0 reports and wrote the serving files
       return
     report.print_summary(metrics)
@@ -102,18 +114,27 @@ def run(argv) -> None:
     _recommend(workdir)
     return
   if mode == "export_ranker":
+    import logging as std_logging  # pylint: disable=g-import-not-at-top
     from twotower_jax import export  # pylint: disable=g-import-not-at-top
+    # export's info lines (which data folder it reads) show without --verbosity.
+    std_logging.getLogger(export.__name__).setLevel(std_logging.INFO)
     config = _load_run_config(workdir)
     out = pathlib.Path(_EXPORT_PATH.value or workdir / f"ranker_{_EXPORT_SPLIT.value}.csv")
-    n = export.export_ranker(config, workdir / "serving", out, split=_EXPORT_SPLIT.value,
-                             top_n=_TOP_N.value, max_queries=_MAX_QUERIES.value,
-                             exclude_rated=_EXCLUDE_RATED.value)
+    try:
+      n = export.export_ranker(config, workdir / "serving", out, split=_EXPORT_SPLIT.value,
+                               top_n=_TOP_N.value, max_queries=_MAX_QUERIES.value,
+                               exclude_rated=_EXCLUDE_RATED.value, data_dir=_DATA_DIR.value)
+    except export.ExportError as e:
+      raise UsageError(str(e)) from e
     print(f"Wrote {n} rows to {out}")
     return
 
 
 def _recommend(workdir: pathlib.Path) -> None:
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
   from twotower_jax import serving  # pylint: disable=g-import-not-at-top
+  # serving's info lines (e.g. "served as a new user") show without --verbosity.
+  std_logging.getLogger(serving.__name__).setLevel(std_logging.INFO)
   rec = serving.load(workdir)
   feats = rec.query(user_id=_USER_ID.value, age=_AGE.value, gender=_GENDER.value,
                     occupation=_OCCUPATION.value, time=_TIME.value,
@@ -139,13 +160,59 @@ def _print_recs(rec, feats, top_n: int, *, exclude_rated: bool, user, bottom_n: 
 def main() -> None:
   """Entry point: flags errors and bad input print a one-line error, exit status 2."""
   def parse(argv):
+    """absl's flag parsing; a bad flag prints one readable line and exits with status 2.
+
+    ml_collections reports an unknown --config.KEY as a KeyError (or an AttributeError
+    around one) holding a quoted repr, so the key is looked up again here in the flags.
+    """
+    import re  # pylint: disable=g-import-not-at-top
+    import ml_collections  # pylint: disable=g-import-not-at-top
+    from twotower_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+
+    def unknown_key():
+      """The first --config.KEY in argv that base_config() lacks, as a message; or None."""
+      for arg in argv[1:]:
+        m = re.match(r"--?(?:no)?config\.([^=]+)", arg)
+        if not m:
+          continue
+        parts, node = m[1].split("."), config_lib.base_config()
+        for i, part in enumerate(parts):
+          name, parent = ".".join(parts[:i + 1]), ".".join(parts[:i])
+          if not isinstance(node, ml_collections.ConfigDict):
+            return (f"Unknown config key {m[1]!r} in {arg}: {parent!r} is a value, "
+                    "not a section.")
+          if part not in node:
+            where = f"in {parent!r}" if parent else "at the top level"
+            hint = config_lib.suggest(part, node.keys())
+            return (f"Unknown config key {name!r} in {arg}.{hint} "
+                    f"Valid keys {where}: {', '.join(sorted(node.keys()))}.")
+          node = node[part]
+      return None
+
+    def message(e):
+      key_error = isinstance(e, (KeyError, AttributeError))
+      found = unknown_key() if key_error else None
+      if found:
+        return found
+      while isinstance(e, BaseException) and e.args:  # AttributeError(KeyError("..."))
+        e = e.args[0]
+      msg = " ".join(str(e).split())
+      if key_error:  # no --config.KEY to blame: ml_collections' own text, unquoted
+        m = re.fullmatch(r"'([^']+)' Did you mean \"([^\"]+)\".*", msg)
+        msg = (f"Unknown config key {m[1]!r}. Did you mean {m[2]!r}?" if m
+               else f"Unknown config key: {msg}")
+      for pattern, say in ((r"invalid literal for int\(\) with base 10: (.*)$",
+                            r"\1 is not an integer."),
+                           (r"could not convert string to float: (.*)$", r"\1 is not a number."),
+                           (r"\('Non-boolean argument to boolean flag', (.*)\)$",
+                            r"\1 is not a boolean; use True or False.")):
+        msg = re.sub(pattern, say, msg)
+      return msg
+
     try:
       return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-      msg = str(e).replace("\\n", " ").replace("\n", " ").strip("'\"")
-      if isinstance(e, AttributeError) or "does not exist" in msg:
-        msg = f"Unknown config key: {msg}"
-      print(f"error: {msg}", file=sys.stderr)
+      print(f"error: {message(e)}", file=sys.stderr)
       sys.exit(2)
 
   def guarded(argv):
@@ -153,11 +220,12 @@ def main() -> None:
       logging.set_verbosity(logging.WARNING)
     from twotower_jax import serving  # pylint: disable=g-import-not-at-top
     from twotower_jax import train  # pylint: disable=g-import-not-at-top
+    from twotower_jax import checkpoints, workdir  # pylint: disable=g-import-not-at-top
     from twotower_jax.data import dataset  # pylint: disable=g-import-not-at-top
     try:
       run(argv)
     except (UsageError, dataset.DataError, serving.ServingError, train.NonFiniteLossError,
-            FileNotFoundError) as e:
+            workdir.WorkdirError, checkpoints.CheckpointError, FileNotFoundError) as e:
       logging.flush()
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)

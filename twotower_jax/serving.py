@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import json
 import logging
+import numbers
 import pathlib
 import zipfile
 from typing import Any, Mapping, Sequence
@@ -35,6 +36,13 @@ from twotower_jax import model as model_lib
 FORMAT_VERSION = 1
 _FILES = ("serving.json", "encoders.json", "encoders.npz", "query_params.npz", "candidates.npz",
           "users.npz")
+_log = logging.getLogger(__name__)
+
+# Each raw query column, the command-line flag that sets it (named in error messages) and
+# the normalizer whose training range bounds it.
+QUERY_FLAGS = {"user_id": "--user_id", "raw_user_age": "--age", "user_gender": "--gender",
+               "user_occupation_text": "--occupation", "timestamp": "--time"}
+_RANGE_ENCODER = {"raw_user_age": "age", "timestamp": "time"}
 
 
 class ServingError(ValueError):
@@ -87,7 +95,12 @@ def _user_table(train: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 @dataclasses.dataclass(frozen=True)
 class Recommendations:
-  """Top-N per query: ids, titles, genre names and scores, each [Q, N]."""
+  """Top-N per query: ids, titles, genre names and scores, each [Q, N].
+
+  The arrays keep the fixed shape [Q, N] even when fewer than N candidates are available
+  (N above the catalogue size, or after ``exclude_ids``): the missing slots come last, with
+  ``movie_id`` -1, ``score`` -inf, an empty ``movie_title`` and no genres.
+  """
 
   movie_id: np.ndarray
   movie_title: np.ndarray
@@ -135,54 +148,148 @@ class Recommender:
     return [self.users["rated_movie_id"][ptr[i]:ptr[i + 1]] if i >= 0
             else np.zeros(0, np.int64) for i in rows]
 
-  def embed(self, features: Mapping[str, Any]) -> np.ndarray:
-    """Query embeddings [Q, D] of raw feature columns (TFDS names); unknown values -> OOV."""
-    cols = {k: np.atleast_1d(np.asarray(v)) for k, v in features.items()}
-    for name, col in (("user_occupation_text", "occupation"), ("user_gender", "gender")):
-      if col in self.encoders and name in cols:
-        values = cols[name].astype(np.int64) if col == "gender" else cols[name]
-        oov = feat.lookup(self.encoders[col], values) == feat.OOV
-        if oov.any():
-          logging.warning("Unknown %s %r: encoded as out-of-vocabulary.", col,
-                          values[oov][0].item())
-    needed = feat.query_columns(self.encoders)
-    missing = [c for c in needed if c not in cols]
-    if missing:
-      raise ServingError(f"Query features missing: {missing}. This model needs {needed}.")
+  def embed(self, features: Mapping[str, Any], *, check_range: bool = False) -> np.ndarray:
+    """Query embeddings [Q, D] of raw feature columns (TFDS names).
+
+    Each column holds one value per query (a scalar is one query). ``user_gender`` is "M",
+    "F" or a boolean (True = M); an unknown occupation is encoded as out-of-vocabulary with
+    a warning. For a model with the user id as a feature, ``user_id`` may be left out or hold
+    ``None`` (a new user), and ids without training ratings are new users too: all are
+    served through the out-of-vocabulary id plus their other features. Bad columns (lengths,
+    types, non-finite numbers) raise :class:`ServingError` naming the column; with
+    ``check_range`` so do ages and times outside the range seen in training.
+    """
+    cols, new_user_Q = self._validated(features, check_range=check_range)
     xq = feat.encode_queries(self.encoders, cols)
+    if "user_id" in xq:  # new users (and any id without a row) -> the OOV row
+      xq["user_id"] = np.where(new_user_Q | (xq["user_id"] < 0), feat.OOV,
+                               xq["user_id"]).astype(np.int32)
     return np.asarray(_apply_query(self.tower, self.query_params, xq))
+
+  def _validated(self, features: Mapping[str, Any], *,
+                 check_range: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The needed columns as clean 1-D arrays of one length, and the new-user mask [Q]."""
+    if not hasattr(features, "items"):  # a dict, or e.g. a pandas DataFrame
+      raise ServingError(f"Query features must be a mapping of column name to values; got "
+                         f"{type(features).__name__}.")
+    cols = {str(k): _column(str(k), v) for k, v in features.items()}
+    lengths = {k: len(v) for k, v in cols.items()}
+    if len(set(lengths.values())) > 1:
+      values = list(lengths.values())
+      common = max(values, key=values.count)  # the length most columns have
+      odd = next(k for k, n in lengths.items() if n != common)
+      raise ServingError(
+          f"Query feature {odd!r} has {lengths[odd]} value{'s' * (lengths[odd] != 1)} but "
+          f"the other columns have {common}; every column needs one value per query. "
+          f"Lengths: {lengths}.")
+    needed = feat.query_columns(self.encoders)
+    missing = [c for c in needed if c not in cols and c != "user_id"]
+    if missing:
+      raise ServingError(f"Query features missing: {missing}. This model needs {needed}"
+                         + (" (user_id may be left out for new users)." if "user_id" in needed
+                            else "."))
+    num_q = next(iter(lengths.values()), 0)
+    if num_q == 0:
+      raise ServingError(f"Query features hold no queries; give each of {needed} one value "
+                         "per query.")
+    out: dict[str, np.ndarray] = {}
+    new_user_Q, note = np.zeros(num_q, bool), ""
+    for name in needed:
+      if name == "user_id":
+        out[name], new_user_Q, note = self._user_ids(cols.get(name), num_q)
+      elif name in _RANGE_ENCODER:
+        out[name] = _numbers(name, cols[name])
+        lo_hi = feat.value_range(self.encoders[_RANGE_ENCODER[name]])
+        if check_range and lo_hi is not None:
+          _check_range(name, out[name], *lo_hi)
+      elif name == "user_gender":
+        out[name] = _genders(cols[name])
+      else:
+        out[name] = _strings(name, cols[name])
+    if "user_occupation_text" in out:
+      occ = out["user_occupation_text"]
+      oov = feat.lookup(self.encoders["occupation"], occ) == feat.OOV
+      if oov.any():
+        logging.warning("Unknown occupation %r: encoded as out-of-vocabulary.", str(occ[oov][0]))
+    if note:
+      _log.info("%s", note)
+    return out, new_user_Q
+
+  def _user_ids(self, col: np.ndarray | None,
+                num_q: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """Integer user ids (0 for new users), the new-user mask (no id, or not in the vocab)
+    and a note saying which queries are served as new users ('' when none)."""
+    if col is None:
+      who = "the query is served as a new user" if num_q == 1 else (
+          f"all {num_q} queries are served as new users")
+      return np.zeros(num_q, np.int64), np.ones(num_q, bool), (
+          f"No user_id given: {who} through the out-of-vocabulary id plus the features given.")
+    if col.dtype.kind in "iu":
+      ids, none = col.astype(np.int64), np.zeros(num_q, bool)
+    else:
+      none = np.array([v is None for v in col], bool)
+      bad = [i for i, v in enumerate(col) if not none[i] and not _is_int(v)]
+      if bad:
+        raise ServingError(_bad_value("user_id", col, bad[0], "integer ids (None for a new "
+                                      "user)"))
+      ids = np.array([0 if v is None else int(v) for v in col], np.int64)
+    unknown = ~none & (feat.lookup(self.encoders["user_id"], ids) <= feat.OOV)
+    note = ""
+    if unknown.any():
+      more = int(unknown.sum()) - 1
+      note = (f"User id {int(ids[unknown][0])}{f' and {more} more' if more else ''} "
+              f"{'are' if more else 'is'} not in the id vocabulary (no training ratings): "
+              "served as new users through the out-of-vocabulary id plus the features given.")
+    return ids, none | unknown, note
+
+  def is_known_user(self, user_id: int) -> bool:
+    """Whether ``user_id`` has training ratings (its features are stored)."""
+    return bool(arrays.find_rows(self.users["user_id"], np.asarray([user_id], np.int64))[0] >= 0)
 
   def query(self, *, user_id: int | None = None, age: float | None = None,
             gender: str | None = None, occupation: str | None = None,
             time: int | None = None, allow_unknown: bool = False) -> dict[str, list]:
     """One query's raw features from a known user's id and/or explicit values.
 
-    A known ``user_id`` starts from that user's own features (latest training rating);
-    explicit values override them. Without a user id every feature the model needs must
-    be given. ``gender`` is "M" or "F"; an unknown ``occupation`` is an error naming the
-    known ones unless ``allow_unknown`` (then it is encoded as out-of-vocabulary).
+    A known ``user_id`` (one with training ratings) starts from that user's own features
+    (latest training rating); explicit values override them. Otherwise (no id, or an id
+    without training ratings) every other feature the model needs must be given, and a model
+    with the user id as a feature serves the query as a new user, through the
+    out-of-vocabulary id (said in one info line). ``gender`` is "M" or "F"; an unknown
+    ``occupation`` is an error naming the known ones unless ``allow_unknown`` (then it is
+    encoded as out-of-vocabulary). Values are checked when the query is embedded.
     """
     explicit = {"raw_user_age": age, "user_gender": gender,
                 "user_occupation_text": occupation, "timestamp": time}
-    if user_id is not None:
-      feats = self.user_features([user_id])
+    if user_id is not None and not _is_int(user_id):
+      raise ServingError(f"user_id must be an integer id; got {user_id!r}.")
+    if user_id is not None and self.is_known_user(user_id):
+      feats = {k: list(v) for k, v in self.user_features([user_id]).items()}
       feats["user_id"] = [user_id]
       for k, v in explicit.items():  # explicit values override the user's own
         if v is not None:
           feats[k] = [v]
     else:
-      needed = set(feat.query_columns(self.encoders))
-      missing = [f"--{flag}" for flag, (col, v) in zip(("age", "gender", "occupation", "time"),
-                                                       explicit.items())
-                 if v is None and col in needed]
+      needed = feat.query_columns(self.encoders)
+      flags = [QUERY_FLAGS[c] for c in needed if c != "user_id"]
+      missing = [QUERY_FLAGS[c] for c in needed if c in explicit and explicit[c] is None]
+      if missing and user_id is None:
+        raise ServingError(f"recommend needs --user_id or all of {' '.join(flags)}; missing "
+                           f"{' '.join(missing)}.")
       if missing:
-        raise ServingError(f"recommend needs --user_id or all of --age --gender --occupation "
-                           f"--time; missing {' '.join(missing)}.")
-      if "user_id" in self.encoders:
-        raise ServingError("This model uses the user id as a feature: pass --user_id.")
+        raise ServingError(
+            f"User id {user_id} has no training ratings, so its features are unknown: pass "
+            f"them to recommend for it as a new user; missing {' '.join(missing)}.")
       feats = {k: [v] for k, v in explicit.items() if v is not None}
-    if "user_gender" in feats:
-      feats["user_gender"] = [g in ("M", True, 1) for g in feats["user_gender"]]
+      if "user_id" in self.encoders:
+        feats["user_id"] = [None]  # a new user: the out-of-vocabulary id
+        who = "No --user_id" if user_id is None else (
+            f"User id {user_id} has no training ratings")
+        _log.info("%s: recommending for a new user through the out-of-vocabulary id plus the "
+                  "features given.", who)
+      elif user_id is not None:
+        _log.info("User id %d has no training ratings: recommending from the features given.",
+                  user_id)
     occ = feats.get("user_occupation_text")
     if occ is not None and "occupation" in self.encoders and not allow_unknown:
       known = [str(v) for v in self.known_values("occupation")]
@@ -195,20 +302,138 @@ class Recommender:
 
   def recommend(self, features: Mapping[str, Any], k: int = 10, *,
                 exclude_ids: Sequence[np.ndarray] | None = None,
-                lowest: bool = False) -> Recommendations:
-    """The k best (or, with ``lowest``, the k worst) candidates for each query."""
-    q_QxD = self.embed(features)
+                lowest: bool = False, check_range: bool = True) -> Recommendations:
+    """The k best (or, with ``lowest``, the k worst) candidates for each query.
+
+    ``features`` as for :meth:`embed`; ``check_range`` (the default) rejects ages and times
+    outside the range seen in training (pass False to score data as-is, e.g. a later test
+    period). Fewer than k available candidates leave padding slots (see
+    :class:`Recommendations`).
+    """
+    if not _is_int(k) or int(k) < 1:
+      raise ServingError(f"k (the number of recommendations) must be an integer >= 1; got "
+                         f"{k!r}.")
+    q_QxD = self.embed(features, check_range=check_range)
     if lowest:
       q_QxD = -q_QxD
-    scores, ids = self.index.search(q_QxD, k, exclude=exclude_ids)
+    scores, ids = self.index.search(q_QxD, int(k), exclude=exclude_ids)
     scores, ids = np.asarray(scores), np.asarray(ids)
     if lowest:
-      scores = -scores
-    pos = np.maximum(self.index.rows(ids), 0)
+      scores = np.where(ids >= 0, -scores, -np.inf).astype(scores.dtype)
+    valid = ids >= 0
+    pos = np.where(valid, self.index.rows(ids), 0)
     names = np.asarray(self.meta["genre_names"] + [""])
-    genres = [[[str(names[g]) for g in self.genres_N[p] if g >= 0] for p in row] for row in pos]
-    return Recommendations(movie_id=ids, movie_title=np.asarray(self.index.titles_N)[pos],
-                           genres=genres, score=scores)
+    genres = [[[str(names[g]) for g in self.genres_N[p] if g >= 0] if ok else []
+               for p, ok in zip(row, ok_row)] for row, ok_row in zip(pos, valid)]
+    titles = np.where(valid, np.asarray(self.index.titles_N)[pos], "")
+    return Recommendations(movie_id=ids, movie_title=titles, genres=genres, score=scores)
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _column(name: str, value: Any) -> np.ndarray:
+  """One raw column as a 1-D array; Python lists keep their element types (object)."""
+  if isinstance(value, np.ndarray) or (hasattr(value, "__array__")
+                                       and not isinstance(value, (list, tuple))):
+    arr = np.asarray(value)
+  elif value is None or isinstance(value, (str, bytes)) or np.isscalar(value):
+    arr = np.empty(1, object)
+    arr[0] = value
+  else:
+    items = list(value)
+    if any(np.ndim(v) != 0 for v in items):
+      raise ServingError(f"Query feature {name!r} must hold one value per query; got nested "
+                         "values.")
+    arr = np.empty(len(items), object)
+    arr[:] = items
+  if arr.ndim == 0:
+    arr = arr.reshape(1)
+  if arr.ndim != 1:
+    raise ServingError(f"Query feature {name!r} must hold one value per query (1-D); got "
+                       f"shape {arr.shape}.")
+  return arr
+
+
+def _label(name: str) -> str:
+  flag = QUERY_FLAGS.get(name)
+  return f"{name!r} ({flag})" if flag else repr(name)
+
+
+def _bad_value(name: str, col: np.ndarray, row: int, expected: str) -> str:
+  return (f"Query feature {_label(name)} must be {expected}; got {col[row]!r} "
+          f"(row {row}, {type(col[row]).__name__}).")
+
+
+def _fmt(x: float) -> str:
+  return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+
+def _numbers(name: str, col: np.ndarray) -> np.ndarray:
+  """A numeric column as float64; only finite real numbers (no bools, strings or None)."""
+  expected = "finite numbers"
+  if col.dtype.kind in "iuf":
+    values = col.astype(np.float64)
+  elif col.dtype.kind == "O":
+    bad = [i for i, v in enumerate(col)
+           if not isinstance(v, numbers.Real) or isinstance(v, (bool, np.bool_))]
+    if bad:
+      raise ServingError(_bad_value(name, col, bad[0], expected))
+    values = np.array([_to_float(v) for v in col], np.float64)
+  else:
+    raise ServingError(_bad_value(name, col, 0, expected))
+  bad = np.flatnonzero(~np.isfinite(values))
+  if bad.size:
+    raise ServingError(f"Query feature {_label(name)} must be a finite number; got "
+                       f"{values[bad[0]]} (row {int(bad[0])}).")
+  return values
+
+
+def _to_float(v: numbers.Real) -> float:
+  try:
+    return float(v)
+  except OverflowError:  # an int beyond float range
+    return float("inf") if v > 0 else float("-inf")
+
+
+def _check_range(name: str, values: np.ndarray, lo: float, hi: float) -> None:
+  bad = np.flatnonzero((values < lo) | (values > hi))
+  if bad.size:
+    raise ServingError(
+        f"Query feature {_label(name)} is {_fmt(values[bad[0]])} (row {int(bad[0])}), outside "
+        f"the range seen in training: {_fmt(lo)} to {_fmt(hi)}. Pass a value in that range.")
+
+
+def _genders(col: np.ndarray) -> np.ndarray:
+  """user_gender as booleans (True = M) from "M"/"F", booleans or 0/1."""
+  expected = "'M' or 'F' or a boolean (True = M)"
+  if col.dtype.kind == "b":
+    return col.astype(bool)
+  if col.dtype.kind in "iu" and np.isin(col, (0, 1)).all():
+    return col.astype(bool)
+  if col.dtype.kind == "U" and np.isin(np.char.upper(np.char.strip(col)), ("M", "F")).all():
+    return np.char.upper(np.char.strip(col)) == "M"
+  out = np.zeros(len(col), bool)
+  for i, v in enumerate(col):
+    if isinstance(v, (bool, np.bool_)):
+      out[i] = bool(v)
+    elif isinstance(v, str) and v.strip().upper() in ("M", "F"):
+      out[i] = v.strip().upper() == "M"
+    elif _is_int(v) and int(v) in (0, 1):
+      out[i] = bool(v)
+    else:
+      raise ServingError(_bad_value("user_gender", col, i, expected))
+  return out
+
+
+def _strings(name: str, col: np.ndarray) -> np.ndarray:
+  if col.dtype.kind == "U":
+    return col
+  bad = [i for i, v in enumerate(col) if not isinstance(v, str)]
+  if bad:
+    raise ServingError(_bad_value(name, col, bad[0], "strings, e.g. 'engineer'"))
+  return col.astype(str)
 
 
 @functools.lru_cache(maxsize=8)
@@ -255,7 +480,7 @@ def load(path: str | pathlib.Path) -> Recommender:
     cands, users = arrays["candidates.npz"], arrays["users.npz"]
   except ServingError:
     raise
-  except (ValueError, KeyError, OSError, zipfile.BadZipFile) as e:
+  except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:
     raise ServingError(f"Serving directory {path} is corrupt: {reading} is unreadable "
                        f"({type(e).__name__}: {e}); retrain into a fresh workdir.") from e
   index = index_lib.BruteForceIndex(embeddings_NxD=cands["embeddings"], ids_N=cands["movie_id"],

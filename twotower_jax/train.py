@@ -2,8 +2,9 @@
 
 All training examples live on the device as encoded arrays (``input_pipeline``); the step
 gathers its batch on the device, so per step only a row of indices is read. The loop
-checks each step's loss a few steps behind, saves orbax checkpoints, then evaluates
-(``evaluate``) and writes the serving directory (``serving``).
+checks each step's loss a few steps behind, saves orbax checkpoints of states it has
+checked, then evaluates (``evaluate``) and writes the serving directory (``serving``). The
+workdir is opened, checked against the run and locked by ``workdir``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from twotower_jax import checkpoints
+from twotower_jax import config as config_lib
 from twotower_jax import evaluate
 from twotower_jax import features as feat
 from twotower_jax import input_pipeline
@@ -33,6 +35,7 @@ from twotower_jax import model as model_lib
 from twotower_jax import serving
 from twotower_jax import sharding
 from twotower_jax import sparse
+from twotower_jax import workdir as workdir_lib
 
 Array = jax.Array
 
@@ -48,6 +51,11 @@ class TrainState:
   opt_state: Any
   freq: Any  # streaming frequency-estimator state, or an empty dict
   rng: Array
+  # The sum and count of the step losses of the epoch so far. The step leaves them alone;
+  # they are set in the copy a checkpoint saves, so a run resumed mid-epoch reports the
+  # whole epoch's mean loss.
+  epoch_loss_sum: Array
+  epoch_loss_steps: Array
 
 
 # ----------------------------------------------------------------------------
@@ -110,7 +118,8 @@ def init_state(model, tx, prep: input_pipeline.Prepared, config, rng: Array | in
     params = model.init(init_rng, xq, xc)["params"]
     freq = losses.freq_init(buckets) if streaming else {}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      freq=freq, rng=rng)
+                      freq=freq, rng=rng, epoch_loss_sum=jnp.zeros((), jnp.float32),
+                      epoch_loss_steps=jnp.zeros((), jnp.int32))
 
   shardings = None
   if mesh is not None:
@@ -250,41 +259,84 @@ def sparse_step(config, params) -> bool:
 
 
 CHECK_LAG = 8  # steps a loss may be in flight before it is checked
+HOW_TO_CONTINUE = (
+    "To continue, lower optimizer.learning_rate (or set optimizer.grad_clip_norm) and train "
+    "in a new --workdir, or rerun with --overwrite; also check the input features for "
+    "extreme values. The checkpoints already written hold checked, finite states.")
 
 
 def check_finite(loss: Array, step: int) -> float:
   """``loss`` as a float; a NaN or infinity stops training naming ``step``."""
   value = float(loss)
   if not np.isfinite(value):
-    raise NonFiniteLossError(
-        f"Training loss is {value} at step {step}. Lower optimizer.learning_rate, set "
-        "optimizer.grad_clip_norm, or check the input features for extreme values; the last "
-        "good checkpoint is kept in the workdir.")
+    raise NonFiniteLossError(f"Training loss is {value} at step {step}. {HOW_TO_CONTINUE}")
   return value
 
 
+def make_state_check_fn(model, loss_cfg, mesh: jax.sharding.Mesh
+                        ) -> Callable[..., Array]:
+  """``check(state, data, idx_SxB, valid_SxB, i)``: the loss of ``state.params`` on batch
+  ``i`` (a forward pass, jitted), or NaN if any parameter or optimizer value is not finite.
+
+  The loss a step returns comes from the parameters before its update, so a finite loss
+  says nothing about the state the step produced; this says whether that state is good.
+  """
+  frozen = ml_collections.FrozenConfigDict(loss_cfg)
+
+  def check(state, data, idx_SxB, valid_SxB, i):
+    leaves = [x for x in jax.tree_util.tree_leaves((state.params, state.opt_state, state.freq))
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+    batch = gather_batch(data, idx_SxB[i], jax.random.split(state.rng)[1],
+                         frozen.num_uniform_negatives)
+    loss = loss_fn(state.params, state, data, batch, valid_SxB[i], model=model,
+                   loss_cfg=frozen)
+    return jnp.where(finite, loss, jnp.nan)
+
+  return jax.jit(check, out_shardings=sharding.replicated(mesh))
+
+
+def check_state(check_fn, state: TrainState, data, idx_SxB: Array, valid_SxB: Array, i: int,
+                step: int) -> None:
+  """NonFiniteLossError unless ``check_fn`` (``make_state_check_fn``) finds ``state`` good."""
+  value = float(check_fn(state, data, idx_SxB, valid_SxB, i))
+  if not np.isfinite(value):
+    raise NonFiniteLossError(
+        f"Training diverged at step {step}: the state it produced has non-finite parameters "
+        f"or gives a non-finite loss ({value}), so it was not checkpointed. {HOW_TO_CONTINUE}")
+
+
 def run_epoch(state: TrainState, step_fn, data, idx_SxB: Array, valid_SxB: Array,
-              first_step: int, on_step: Callable[[int, TrainState, Array], None] | None = None
-              ) -> tuple[TrainState, float]:
+              first_step: int, on_step: Callable[..., None] | None = None,
+              carried: tuple[float, int] = (0.0, 0)) -> tuple[TrainState, float]:
   """Runs every batch of an epoch; returns the new state and the epoch's mean loss.
 
   Each step's loss is checked for finiteness ``CHECK_LAG`` steps later, so the
   device keeps a few steps queued while the host waits, and a NaN still stops
-  training naming the step that produced it.
+  training naming the step that produced it. ``carried``: the loss sum and step count of
+  the part of the epoch run before a resume. ``on_step(step, state, loss, so_far)`` runs
+  after each step; ``so_far()`` gives the epoch's loss sum and step count up to it (and
+  waits for the steps in flight).
   """
   in_flight: collections.deque[Array] = collections.deque()
   values = []  # each step's loss as a Python float, once checked
   num_steps = idx_SxB.shape[0]
+
+  def so_far() -> tuple[float, int]:
+    done = values + [float(x) for x in in_flight]
+    return carried[0] + float(np.sum(done)), carried[1] + len(done)
+
   for i in range(num_steps):
     state, loss = step_fn(state, data, idx_SxB, valid_SxB, i)
     in_flight.append(loss)
     if len(in_flight) > CHECK_LAG:
       values.append(check_finite(in_flight.popleft(), first_step + len(values) + 1))
     if on_step is not None:
-      on_step(first_step + i + 1, state, loss)
+      on_step(first_step + i + 1, state, loss, so_far)
   while in_flight:
     values.append(check_finite(in_flight.popleft(), first_step + len(values) + 1))
-  return state, float(np.mean(values)) if values else float("nan")
+  total, count = carried[0] + float(np.sum(values)), carried[1] + len(values)
+  return state, total / count if count else float("nan")
 
 
 # ----------------------------------------------------------------------------
@@ -335,19 +387,44 @@ def create_setup(config, prep: input_pipeline.Prepared | None = None, *,
 # The run.
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains ``config`` in ``workdir`` (resuming from its checkpoints), evaluates, serves."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       overwrite: bool = False) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir`` (resuming from its checkpoints), evaluates, serves.
+
+  A workdir holding a different run is an error, raised before anything is written,
+  unless ``overwrite`` (then the old run is deleted first); so is one that another process
+  is using (``workdir.open_run``).
+  """
   workdir_path = pathlib.Path(workdir)
-  workdir_path.mkdir(parents=True, exist_ok=True)
   primary = jax.process_index() == 0  # with several processes, one writes the files
-  if primary:
-    (workdir_path / "config.json").write_text(config.to_json(indent=1))
   t_start = time.perf_counter()
   prep = input_pipeline.prepare(config)
+  config_lib.check_against_data(config, prep.num_items)
   t_prepared = time.perf_counter()
+  split_files = (prep.train, prep.test) if config.data.split == "files" else ()
+  fp = workdir_lib.fingerprint(config, workdir_lib.data_digest(prep.dataset, split_files))
+  with workdir_lib.open_run(workdir_path, config, fp, overwrite=overwrite,
+                            process_index=jax.process_index(),
+                            agree=_process_0_failed if jax.process_count() > 1 else None):
+    return _run(config, workdir_path, prep, primary, t_prepared - t_start)
+
+
+def _process_0_failed(failed: bool) -> bool:
+  """Whether process 0 reported ``failed``; every process calls this together."""
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
+
+
+def _run(config, workdir_path: pathlib.Path, prep: input_pipeline.Prepared, primary: bool,
+         prepare_seconds: float) -> dict[str, Any]:
+  """Restores, trains, evaluates and writes the serving files and metrics (workdir opened)."""
   run = create_setup(config, prep)
   mngr = checkpoints.checkpoint_manager(workdir_path, config.train.max_checkpoints)
-  run.state = checkpoints.restore_latest(mngr, run.state)
+  try:
+    run.state = checkpoints.restore_latest(mngr, run.state)
+  except BaseException:
+    mngr.close()
+    raise
   start_step = int(run.state.step)
   log = logs.RunLog(workdir_path, total_examples=run.total_steps * config.train.batch_size,
                     initial_examples=start_step * config.train.batch_size,
@@ -369,7 +446,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "config": config.name, "split": config.data.split, "seed": int(config.seed),
       "source": prep.dataset.source, "num_train": len(prep.train_item),
       "num_test": len(prep.test_item),
-      "num_candidates": prep.num_items, "prepare_seconds": t_prepared - t_start,
+      "num_candidates": prep.num_items, "prepare_seconds": prepare_seconds,
       "train_seconds": train_seconds, "eval_seconds": eval_seconds,
       "examples_per_second": trained_examples / train_seconds if train_seconds else None,
       "resumed_from_step": start_step, "steps": int(run.state.step),
@@ -382,26 +459,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train_epochs(config, run: Setup, mngr: ocp.CheckpointManager, log: logs.RunLog) -> float:
-  """Trains ``run.state`` from its step to the last epoch, checkpointing; returns seconds."""
+  """Trains ``run.state`` from its step to the last epoch, checkpointing; returns seconds.
+
+  Checkpoints (every ``checkpoint_every_steps`` and at the last step) are written only of
+  states ``make_state_check_fn`` finds good, with the epoch's losses so far.
+  """
   b = config.train.batch_size
   num_train = len(run.prep.train_item)
   start_step = int(run.state.step)
   train_seconds = 0.0
-
-  def on_step(step, state, loss):
-    log.progress(b)
-    if step % config.train.checkpoint_every_steps == 0:
-      check_finite(loss, step)
-      mngr.save(step, args=ocp.args.StandardSave(state))
+  check_fn = make_state_check_fn(run.model, config.loss, run.mesh)
+  rep = sharding.replicated(run.mesh)
 
   for epoch in range(start_step // run.steps_per_epoch, config.train.num_epochs):
     idx_SxB, valid_SxB = input_pipeline.epoch_batches(num_train, b, config.seed, epoch)
     first = max(start_step - epoch * run.steps_per_epoch, 0)
     idx_SxB = sharding.put_batches(idx_SxB[first:], run.mesh)
     valid_SxB = sharding.put_batches(valid_SxB[first:], run.mesh)
+    base = epoch * run.steps_per_epoch + first
+    carried = (0.0, 0)
+    if first:  # resumed mid-epoch: the checkpoint carries the epoch's losses so far
+      carried = (float(run.state.epoch_loss_sum), int(run.state.epoch_loss_steps))
+
+    def on_step(step, state, loss, so_far, idx_SxB=idx_SxB, valid_SxB=valid_SxB, base=base):
+      log.progress(b)
+      last = step == run.total_steps
+      if step % config.train.checkpoint_every_steps == 0 or last:
+        check_finite(loss, step)
+        check_state(check_fn, state, run.data, idx_SxB, valid_SxB, step - base - 1, step)
+        loss_sum, loss_steps = so_far()
+        state = state.replace(epoch_loss_sum=sharding.to_devices(np.float32(loss_sum), rep),
+                              epoch_loss_steps=sharding.to_devices(np.int32(loss_steps), rep))
+        mngr.save(step, args=ocp.args.StandardSave(state), force=last)
+
     t0 = time.perf_counter()
     run.state, epoch_loss = run_epoch(run.state, run.step_fn, run.data, idx_SxB, valid_SxB,
-                                      epoch * run.steps_per_epoch + first, on_step)
+                                      base, on_step, carried)
     jax.block_until_ready(run.state)
     seconds = time.perf_counter() - t0
     train_seconds += seconds
@@ -409,7 +502,7 @@ def _train_epochs(config, run: Setup, mngr: ocp.CheckpointManager, log: logs.Run
     log.epoch({"epoch": epoch + 1, "step": int(run.state.step), "loss": epoch_loss,
                "examples_per_second": n_ex / max(seconds, 1e-9), "epoch_seconds": seconds})
   final_step = int(run.state.step)
-  if final_step not in mngr.all_steps():
+  if final_step not in mngr.all_steps():  # nothing trained: the initial state
     mngr.save(final_step, args=ocp.args.StandardSave(run.state), force=True)
   mngr.wait_until_finished()
   return train_seconds

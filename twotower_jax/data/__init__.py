@@ -11,7 +11,8 @@ This package imports nothing on its own; import the module you need, e.g.
 ``sources.load_dataset(config.data)``. The modules, lowest layer first:
 
 * ``dataset``: the ``Dataset`` type, ``DataError``, the codings shared by every
-  source, and the helpers they share (row selection, the title's year).
+  source, and the helpers they share (row selection, the title's year, text
+  decoding as UTF-8 or latin-1, dropping repeated ratings).
 * ``download``: finding the MovieLens 100K folder, downloading it if allowed.
 * ``movielens``: the ML-100K files (u.data, u.user, u.item, u.genre) and the join.
 * ``movielens_large``: ML-1M ``.dat`` files and the ML-20M/25M/latest CSV files.

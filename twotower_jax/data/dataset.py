@@ -14,12 +14,15 @@ indexes ``OCCUPATION_LABELS`` (the TFDS classes).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 Columns = dict[str, np.ndarray]
+
+_log = logging.getLogger(__name__)
 
 # Genre names exactly as in u.genre (ids 0..18), used when u.genre is absent
 # and as the id space of the TFDS source.
@@ -130,3 +133,136 @@ def line_error(path, lineno: int, line: str, problem: str, expected: str, url: s
   return DataError(
       f"{path}:{lineno}: {problem}. Line {lineno}: {shown!r}. Expected {expected}. Fix: "
       f"correct or delete line {lineno} of {path}, or restore the original file from {url}.")
+
+
+# ----------------------------------------------------------------------------
+# Text encoding: the GroupLens files are latin-1, an edited copy may be UTF-8.
+
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+_C1_CONTROLS = re.compile("[\x80-\x9f]")
+
+
+def decode_text(data: bytes) -> str:
+  """``data`` as UTF-8 when it is valid UTF-8 (a leading BOM dropped), else as latin-1.
+
+  The GroupLens ML-100K and ML-1M files are latin-1; a copy re-saved by an
+  editor is often UTF-8, whose "é" read as latin-1 would silently become "Ã©".
+  Latin-1 text with a byte >= 0x80 is almost never valid UTF-8: that needs
+  every such byte paired, like "Ã" then a byte 0x80..0xBF. Where the pair's
+  second byte is 0x80..0x9F the UTF-8 reading holds a C1 control character,
+  which no text has, so that reading is refused too. ASCII reads the same
+  either way.
+  """
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError:
+    return data.decode("latin-1")
+  if _C1_CONTROLS.search(text):
+    return data.decode("latin-1")
+  return text.removeprefix("\ufeff")
+
+
+# ----------------------------------------------------------------------------
+# Repeated ratings: the same user, movie and timestamp twice.
+
+RATING_KEY = ("user_id", "movie_id", "timestamp")
+
+
+def _pair_key(a_N: np.ndarray, b_N: np.ndarray) -> np.ndarray | None:
+  """One int64 per (a, b) pair, equal iff both are; None if the ranges overflow int64."""
+  a_min, b_min = int(a_N.min()), int(b_N.min())
+  b_range = int(b_N.max()) - b_min + 1
+  if (int(a_N.max()) - a_min + 1) * b_range >= 2**63:
+    return None
+  return (a_N - a_min) * b_range + (b_N - b_min)
+
+
+def repeated_ratings(columns: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+  """(rows, firsts): the rows repeating an earlier row's user, movie and timestamp.
+
+  ``rows`` ascending; ``firsts[k]`` is the earliest row with the key of
+  ``rows[k]`` (the one to keep). Vectorised: one sort of a (user, movie) int64
+  key over all rows; only rows whose pair occurs twice are sorted by timestamp.
+  """
+  user_N, movie_N, time_N = (np.asarray(columns[k], np.int64) for k in RATING_KEY)
+  none = np.zeros(0, np.int64)
+  if user_N.size < 2:
+    return none, none
+  pair_N = _pair_key(user_N, movie_N)
+  if pair_N is None:  # ids too far apart for one int64 key: sort every row by all three
+    cand = np.arange(user_N.size)
+  else:
+    sorted_N = np.sort(pair_N)
+    repeated = sorted_N[1:][sorted_N[1:] == sorted_N[:-1]]
+    if not repeated.size:
+      return none, none
+    cand = np.flatnonzero(np.isin(pair_N, repeated))
+  order = cand[np.lexsort((time_N[cand], movie_N[cand], user_N[cand]))]  # stable: row order in ties
+  same = ((user_N[order[1:]] == user_N[order[:-1]]) & (movie_N[order[1:]] == movie_N[order[:-1]])
+          & (time_N[order[1:]] == time_N[order[:-1]]))
+  if not same.any():
+    return none, none
+  is_start = np.concatenate([[True], ~same])
+  group_start = np.maximum.accumulate(np.where(is_start, np.arange(order.size), 0))
+  pos = np.flatnonzero(~is_start)
+  rows, firsts = order[pos], order[group_start[pos]]
+  by_row = np.argsort(rows)
+  return rows[by_row], firsts[by_row]
+
+
+def _differing(columns: Mapping[str, np.ndarray], rows: np.ndarray, firsts: np.ndarray) -> str:
+  if "user_rating" not in columns:
+    return ""
+  rating = np.asarray(columns["user_rating"])
+  n = int(np.count_nonzero(rating[rows] != rating[firsts]))
+  return f"; {n} of them with a different rating" if n else ""
+
+
+def drop_repeated_ratings(columns: Columns, path, *, first_line: int = 1) -> Columns:
+  """``columns`` without the rows that repeat an earlier row's user, movie and timestamp.
+
+  Keeps the first occurrence and logs one warning naming ``path``, the count,
+  an example and the fix. Row ``i`` is line ``first_line + i`` of ``path``.
+  Returns ``columns`` itself when nothing repeats.
+  """
+  rows, firsts = repeated_ratings(columns)
+  if not rows.size:
+    return columns
+  _log.warning(
+      "%s: dropped %d duplicate ratings, lines with the same user, movie and timestamp as an "
+      "earlier line (e.g. line %d repeats line %d%s); kept the first of each. Fix: delete the "
+      "repeated lines from %s, or restore the original file.", path, rows.size,
+      first_line + rows[0], first_line + firsts[0], _differing(columns, rows, firsts), path)
+  keep_N = np.ones(np.shape(columns["user_id"])[0], bool)
+  keep_N[rows] = False
+  return take_rows(columns, keep_N)
+
+
+def drop_ratings_repeating(test: Columns, train: Mapping[str, np.ndarray], test_path,
+                           train_path) -> Columns:
+  """``test`` without its rows repeating a ``train`` row's user, movie and timestamp.
+
+  Such a test rating is a copy of a training rating and inflates the metrics
+  that count seen items. Logs one warning naming both files, the count, an
+  example rating and the fix. Returns ``test`` itself when none repeats.
+  Repeats within one file are :func:`drop_repeated_ratings`'s job.
+  """
+  n_train = int(np.shape(train["user_id"])[0])
+  both = {k: np.concatenate([np.asarray(train[k]), np.asarray(test[k])])
+          for k in RATING_KEY + ("user_rating",) if k in train and k in test}
+  rows, firsts = repeated_ratings(both)
+  from_train = (rows >= n_train) & (firsts < n_train)
+  rows, firsts = rows[from_train], firsts[from_train]
+  if not rows.size:
+    return test
+  _log.warning(
+      "%s: dropped %d test ratings with the same user, movie and timestamp as a rating of %s "
+      "(e.g. user %d, movie %d at timestamp %d%s): a test rating copied from training "
+      "inflates the metrics. Fix: delete those lines from %s or from %s.", test_path, rows.size,
+      train_path, both["user_id"][rows[0]], both["movie_id"][rows[0]],
+      both["timestamp"][rows[0]], _differing(both, rows, firsts), test_path, train_path)
+  keep_N = np.ones(np.shape(test["user_id"])[0], bool)
+  keep_N[rows - n_train] = False
+  return take_rows(test, keep_N)

@@ -4,6 +4,11 @@ Every data problem raises :class:`~twotower_jax.data.dataset.DataError` whose
 message names the file, the 1-based line number, what was wrong and how to fix
 it. Parsing is vectorised (numpy over the raw bytes); only when the fast pass
 rejects a file does a slow line-by-line pass run to describe the first bad line.
+
+Text is read as UTF-8 when the file is valid UTF-8 (an edited copy), else as
+latin-1 (the GroupLens original): see :func:`~twotower_jax.data.dataset.decode_text`.
+Ratings repeating an earlier line's user, movie and timestamp are dropped with
+a warning (:func:`~twotower_jax.data.dataset.drop_repeated_ratings`).
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ from twotower_jax.data.dataset import (
     OCCUPATION_LABELS,
     OCCUPATION_TEXT_TO_LABEL,
     USER_COLUMNS,
+    UTF8_BOM,
     Columns,
     DataError,
     Dataset,
     compact_strings,
+    decode_text,
+    drop_repeated_ratings,
     first_duplicate,
     line_error,
 )
@@ -113,27 +121,27 @@ def _first_bad_line(path, lines: Sequence[str], fields, sep) -> DataError:
 
 
 def _read_bytes(path) -> bytes:
-  """File bytes with CRLF -> LF, trailing empty lines removed, one final LF."""
+  """File bytes without a UTF-8 BOM, CRLF -> LF, trailing empty lines removed, one final LF."""
   path = pathlib.Path(path)
   if not path.is_file():
     where = "does not exist" if not path.exists() else "is not a regular file"
     raise DataError(
         f"{path} {where}. Fix: point --config.data.dir (or ${DATA_DIR_ENV}) at "
         f"the folder holding the MovieLens files, {_REFETCH}.")
-  data = path.read_bytes().replace(b"\r\n", b"\n").rstrip(b"\n")
+  data = path.read_bytes().removeprefix(UTF8_BOM).replace(b"\r\n", b"\n").rstrip(b"\n")
   if not data:
     raise DataError(f"{path} is empty. Fix: {_REFETCH[3:]}.")
   return data + b"\n"
 
 
 def _lines(data: bytes) -> list[str]:
-  return data.decode("latin-1")[:-1].split("\n")
+  return decode_text(data)[:-1].split("\n")
 
 
 def _parse_text_table(path, fields: Sequence[_Field], sep: str) -> tuple[np.ndarray, bytes]:
-  """[N, F] str array of a ``sep``-separated latin-1 file matching ``fields``."""
+  """[N, F] str array of a ``sep``-separated file (UTF-8 or latin-1) matching ``fields``."""
   data = _read_bytes(path)
-  text = data.decode("latin-1")
+  text = decode_text(data)
   line_re = re.compile(
       "^" + re.escape(sep).join(f"({f.pattern})" for f in fields) + "$", re.MULTILINE)
   rows = line_re.findall(text)
@@ -267,7 +275,7 @@ def genre_ids_from_flags(flags_MxG: np.ndarray) -> np.ndarray:
 
 
 def read_u_item(path, genre_names: Sequence[str] = ML100K_GENRE_NAMES) -> Columns:
-  """u.item (latin-1, ``|``-separated, one flag per genre) -> movies table."""
+  """u.item (latin-1 or UTF-8, ``|``-separated, one flag per genre) -> movies table."""
   fields = u_item_fields(genre_names)
   table, data = _parse_text_table(path, fields, "|")
   ids = table[:, 0].astype(np.int64)
@@ -303,7 +311,11 @@ def _lookup(path, ids_N: np.ndarray, table_ids: np.ndarray, what: str, where: st
 
 def join_ratings(path, raw: Columns, movies: Columns, users: Columns | None,
                  *, users_where: str = "u.user", movies_where: str = "u.item") -> Columns:
-  """Joins u.data columns with the users and movies tables (TFDS column order)."""
+  """Joins u.data columns with the users and movies tables (TFDS column order).
+
+  Rows repeating an earlier row's user, movie and timestamp are then dropped
+  (the first kept) with one warning naming ``path``.
+  """
   movie_row = _lookup(path, raw["movie_id"], movies["movie_id"], "movie id", movies_where)
   out = {"user_id": raw["user_id"], "movie_id": raw["movie_id"],
          "user_rating": raw["user_rating"], "timestamp": raw["timestamp"]}
@@ -311,7 +323,7 @@ def join_ratings(path, raw: Columns, movies: Columns, users: Columns | None,
     user_row = _lookup(path, raw["user_id"], users["user_id"], "user id", users_where)
     out.update({k: users[k][user_row] for k in USER_COLUMNS if k in users})
   out.update({k: movies[k][movie_row] for k in MOVIE_COLUMNS if k in movies})
-  return out
+  return drop_repeated_ratings(out, path)
 
 
 def load_movielens_100k(data_dir) -> Dataset:
@@ -336,7 +348,10 @@ def load_movielens_100k(data_dir) -> Dataset:
 
 
 def load_ratings_file(path, dataset: Dataset) -> Columns:
-  """A u.data-format file (e.g. GroupLens's u1.base) joined with ``dataset``'s users/movies."""
+  """A u.data-format file (e.g. GroupLens's u1.base) joined with ``dataset``'s users/movies.
+
+  Lines repeating an earlier line's user, movie and timestamp are dropped with a warning.
+  """
   raw = read_u_data(path)
   users = dataset.users
   if users is None:  # no demographics: the known users are those of the ratings

@@ -14,7 +14,12 @@ TFDS column names, and shares the cross-source codings of
 
 Ratings files are parsed with ``np.loadtxt`` in ~32 MB chunks (no Python
 object per row); only when a chunk fails does a line-by-line pass run to name
-the first bad line.
+the first bad line. Ratings repeating an earlier line's user, movie and
+timestamp are dropped with a warning
+(:func:`~twotower_jax.data.dataset.drop_repeated_ratings`).
+
+The ML-1M ``.dat`` files are read as UTF-8 when valid UTF-8 (an edited copy),
+else as latin-1 (the GroupLens original); ``movies.csv`` must be UTF-8.
 """
 
 from __future__ import annotations
@@ -31,8 +36,11 @@ from twotower_jax.arrays import find_rows
 from twotower_jax.data.dataset import (
     ML100K_GENRE_NAMES,
     OCCUPATION_LABELS,
+    UTF8_BOM,
     DataError,
     Dataset,
+    decode_text,
+    drop_repeated_ratings,
     first_duplicate,
     line_error,
     release_years,
@@ -105,10 +113,13 @@ def _read(path: pathlib.Path, source: str) -> bytes:
   return path.read_bytes()
 
 
-def _text_lines(data: bytes, encoding: str, path) -> list[str]:
-  """Decoded lines without line ends; trailing empty lines dropped."""
+def _text_lines(data: bytes, encoding: str | None, path) -> list[str]:
+  """Decoded lines without line ends; trailing empty lines dropped.
+
+  ``encoding`` None: UTF-8 when valid, else latin-1 (:func:`decode_text`).
+  """
   try:
-    text = data.decode(encoding)
+    text = decode_text(data) if encoding is None else data.decode(encoding)
   except UnicodeDecodeError as e:
     lineno = data.count(b"\n", 0, e.start) + 1
     raise DataError(f"{path}:{lineno}: byte {e.start} is not valid {encoding} ({e.reason}). "
@@ -160,7 +171,7 @@ def _describe_rating_line(line: str, sep: str) -> str | None:
 def _first_bad_rating_line(path, chunk: bytes, first_line: int, sep: str, expected: str,
                            url: str, reason: str) -> DataError:
   for k, raw in enumerate(chunk.split(b"\n")):
-    line = raw.decode("latin-1").removesuffix("\r")
+    line = decode_text(raw).removesuffix("\r")
     problem = _describe_rating_line(line, sep)
     if problem is not None:
       return line_error(path, first_line + k, line, problem, expected, url)
@@ -178,9 +189,9 @@ def parse_ratings(path, data: bytes, *, sep: str, header: str | None, url: str,
   """
   sep_b = sep.encode()
   expected = f"user id{sep}movie id{sep}rating{sep}timestamp, e.g. '1{sep}31{sep}2.5{sep}1260759144'"
-  start, first_line = 0, 1
+  bom = len(UTF8_BOM) if data.startswith(UTF8_BOM) else 0
+  start, first_line = bom, 1
   if header is not None:
-    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0
     nl = data.find(b"\n")
     got = data[bom:nl if nl >= 0 else len(data)].decode("latin-1").removesuffix("\r")
     if got != header:
@@ -245,7 +256,7 @@ def _nth_line(data: bytes, start: int, i: int) -> str:
       pos = data.index(b"\n", pos) + 1
     break
   nl = data.find(b"\n", pos)
-  return data[pos:nl if nl >= 0 else len(data)].decode("latin-1").removesuffix("\r")
+  return decode_text(data[pos:nl if nl >= 0 else len(data)]).removesuffix("\r")
 
 
 # ----------------------------------------------------------------------------
@@ -305,12 +316,12 @@ def _movie_row_problem(parts: list[str], fields: str, id_name: str,
 
 
 def read_movies_dat(path) -> dict[str, np.ndarray]:
-  """ML-1M ``movies.dat`` (latin-1, ``MovieID::Title::Genres``) -> movies table."""
+  """ML-1M ``movies.dat`` (latin-1 or UTF-8, ``MovieID::Title::Genres``) -> movies table."""
   path = pathlib.Path(path)
   url = URLS["ml-1m"]
   expected = "MovieID::Title::Genres, e.g. \"1::Toy Story (1995)::Animation|Children's|Comedy\""
   ids, titles, genres, linenos = [], [], [], []
-  for lineno, line in enumerate(_text_lines(_read(path, "ml-1m"), "latin-1", path), 1):
+  for lineno, line in enumerate(_text_lines(_read(path, "ml-1m"), None, path), 1):
     parts = line.split("::")
     problem = _movie_row_problem(parts, "'::'-separated fields", "movie id")
     if problem:
@@ -370,7 +381,7 @@ def read_users_dat(path) -> dict[str, np.ndarray]:
   expected = "UserID::Gender::Age::Occupation::Zip-code, e.g. '1::F::1::10::48067' " \
              f"(Gender M or F, Age one of {ML1M_AGES}, Occupation 0..20)"
   rows, linenos = [], []
-  for lineno, line in enumerate(_text_lines(_read(path, "ml-1m"), "latin-1", path), 1):
+  for lineno, line in enumerate(_text_lines(_read(path, "ml-1m"), None, path), 1):
     parts = line.split("::")
     problem = None
     if len(parts) != 5:
@@ -415,15 +426,20 @@ def read_users_dat(path) -> dict[str, np.ndarray]:
 # Loaders.
 
 
-def _joined(raw: dict[str, np.ndarray], movie_row: np.ndarray, movies: dict[str, np.ndarray],
-            titles: np.ndarray, users: dict[str, np.ndarray] | None = None,
+def _joined(path, first_line: int, raw: dict[str, np.ndarray], movie_row: np.ndarray,
+            movies: dict[str, np.ndarray], titles: np.ndarray,
+            users: dict[str, np.ndarray] | None = None,
             user_row: np.ndarray | None = None) -> dict[str, np.ndarray]:
+  """Ratings joined with their movies (and users); repeated ratings dropped with a warning.
+
+  Row ``i`` of ``raw`` is line ``first_line + i`` of ``path``.
+  """
   out = {k: raw[k] for k in ("user_id", "movie_id", "user_rating", "timestamp")}
   if users is not None:
     out.update({k: v[user_row] for k, v in users.items() if k != "user_id"})
   out["movie_title"] = titles[movie_row]
   out["movie_genres"] = movies["movie_genres"][movie_row]
-  return out
+  return drop_repeated_ratings(out, path, first_line=first_line)
 
 
 def load_movielens_1m(data_dir) -> Dataset:
@@ -443,7 +459,8 @@ def load_movielens_1m(data_dir) -> Dataset:
               d / "movies.dat", url)
   user_row = find_rows(users["user_id"], raw["user_id"])
   _join_error(d / "ratings.dat", first, user_row, raw["user_id"], "user id", d / "users.dat", url)
-  ratings = _joined(raw, movie_row, movies, movies["movie_title"], users, user_row)
+  ratings = _joined(d / "ratings.dat", first, raw, movie_row, movies, movies["movie_title"],
+                    users, user_row)
   return Dataset(ratings=ratings, movies=movies, genre_names=ML1M_GENRE_NAMES,
                  source="ml-1m", users=users)
 
@@ -467,5 +484,5 @@ def load_movielens_csv(data_dir, source: str = "ml-csv") -> Dataset:
               d / "movies.csv", url)
   titles = np.empty(movies["movie_title"].size, object)
   titles[:] = movies["movie_title"].tolist()
-  ratings = _joined(raw, movie_row, movies, titles)
+  ratings = _joined(d / "ratings.csv", first, raw, movie_row, movies, titles)
   return Dataset(ratings=ratings, movies=movies, genre_names=CSV_GENRE_NAMES, source=source)

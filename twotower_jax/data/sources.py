@@ -14,7 +14,13 @@ from typing import Any
 
 from twotower_jax import config as config_lib
 from twotower_jax.data import download, movielens, movielens_large, splits, synthetic, tfds_source
-from twotower_jax.data.dataset import Columns, DataError, Dataset, take_rows
+from twotower_jax.data.dataset import (
+    Columns,
+    DataError,
+    Dataset,
+    drop_ratings_repeating,
+    take_rows,
+)
 
 _DEFAULTS = config_lib.base_config().data
 
@@ -119,11 +125,22 @@ def _resolve_ratings_file(data_cfg, key: str) -> pathlib.Path:
 
 
 def train_test(data_cfg, dataset: Dataset, seed: int) -> tuple[Columns, Columns]:
-  """(train, test) ``ratings`` columns per ``data_cfg.split``."""
+  """(train, test) ``ratings`` columns per ``data_cfg.split``.
+
+  split='files' reads ``data_cfg.train_file`` and ``test_file``; a test rating
+  repeating a training rating (same user, movie and timestamp) is dropped, and
+  test ratings of users or movies absent from training are counted; each
+  is one warning line.
+  """
   split = _cfg(data_cfg, "split")
   if split == "files":
-    return (movielens.load_ratings_file(_resolve_ratings_file(data_cfg, "train_file"), dataset),
-            movielens.load_ratings_file(_resolve_ratings_file(data_cfg, "test_file"), dataset))
+    train_path = _resolve_ratings_file(data_cfg, "train_file")
+    test_path = _resolve_ratings_file(data_cfg, "test_file")
+    train = movielens.load_ratings_file(train_path, dataset)
+    test = drop_ratings_repeating(movielens.load_ratings_file(test_path, dataset), train,
+                                  test_path, train_path)
+    splits.warn_unseen_in_train(train, test, train_path, test_path)
+    return train, test
   train_idx, test_idx = splits.split_indices(
       dataset.ratings, split, seed=seed,
       test_fraction=float(_cfg(data_cfg, "test_fraction")),

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import numpy as np
 
 from twotower_jax.data.dataset import DataError
+
+_log = logging.getLogger(__name__)
 
 SPLIT_KINDS = ("seed", "random", "temporal", "leave_last_out")
 
@@ -79,3 +82,25 @@ def split_indices(ratings: Mapping[str, np.ndarray], kind: str, *, seed: int,
     return np.sort(order[~test_sorted]), test
   raise DataError(f"unknown split {kind!r}. Fix: set --config.data.split to one of "
                   f"{', '.join(SPLIT_KINDS)} or 'files'.")
+
+
+def warn_unseen_in_train(train: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray],
+                         train_path, test_path) -> int:
+  """Warns (one line) about test ratings whose user or movie never occurs in ``train``.
+
+  For split='files', whose two files come from outside: such ratings are
+  scored, but the model never trained an embedding for that user or movie.
+  Returns the number of such test ratings.
+  """
+  test_users, test_movies = np.asarray(test["user_id"]), np.asarray(test["movie_id"])
+  new_user_N = ~np.isin(test_users, np.asarray(train["user_id"]))
+  new_movie_N = ~np.isin(test_movies, np.asarray(train["movie_id"]))
+  n = int(np.count_nonzero(new_user_N | new_movie_N))
+  if n:
+    _log.warning(
+        "%s: %d test ratings by %d users and %d movies that never occur in %s; they are scored "
+        "but the model has no trained embedding for them. Fix: move some ratings of those "
+        "users and movies into %s, or delete those test ratings, unless you mean to evaluate "
+        "cold start.", test_path, n, np.unique(test_users[new_user_N]).size,
+        np.unique(test_movies[new_movie_N]).size, train_path, train_path)
+  return n
