@@ -9,11 +9,24 @@ checks). Compilation and ten warm-up steps are excluded; then bare and
 loop epochs alternate and the medians are reported. ``--compare KEY=VALUE``
 measures a second configuration in the same run (peak RSS is the process's, so
 the second variant's figure includes the first's high-water mark).
+
+Features are feature specs (``twotower_jax.spec``): pick a config variant with
+``--config=configs/tiny.py:user_id``, or add, replace or drop one feature with
+``--feature`` (also accepted by ``--compare``)::
+
+  python benchmarks/bench.py train --set data.source=synthetic \\
+    --feature query.age=none --feature query.gender=none --feature query.occupation=none \\
+    --feature "query.user_id=id('user_id', dim=32)"
+
+The feature switches of earlier versions (``--set features.user_id=True``,
+``--set features.age=False``, ...; see ``LEGACY_FEATURES``) are translated into those specs,
+so older commands keep measuring the same model.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import resource
 import time
@@ -24,7 +37,21 @@ import numpy as np
 from twotower_jax import config as config_lib
 from twotower_jax import input_pipeline
 from twotower_jax import sharding
+from twotower_jax import spec
 from twotower_jax import train
+
+# The boolean feature switches of the hard-coded feature set this driver used to take as
+# --set features.NAME=BOOL: the tower and spec each switched on, with its old dimension.
+LEGACY_FEATURES = {
+    "user_id": ("query", spec.id("user_id", dim=32)),
+    "age": ("query", spec.numeric("raw_user_age")),
+    "gender": ("query", spec.categorical("user_gender", dim=2)),
+    "occupation": ("query", spec.categorical("user_occupation_text", dim=8)),
+    "time": ("query", spec.timestamp("timestamp", buckets=1000, dim=32)),
+    "title": ("candidate", spec.id("movie_title", dim=32)),
+    "title_words": ("candidate", spec.text("movie_title", dim=32, max_words=8)),
+    "release_year": ("candidate", spec.categorical("movie_release_year", dim=8)),
+}
 
 
 def _peak_rss_mb() -> float:
@@ -92,24 +119,92 @@ def measure(config, batch_size: int, epochs: int = 2, max_steps: int = 0) -> dic
   }
 
 
+def load_config(path: str):
+  """``path`` or ``path:VARIANT`` (the argument of the file's ``get_config``)."""
+  path, _, variant = path.partition(":")
+  return config_lib.load_config_file(path, variant or None)
+
+
+def parse_feature(text: str) -> tuple[str, str, object]:
+  """``"query.user_id=id('user_id', dim=32)"`` -> (tower, name, spec); spec None for
+  ``=none`` (drop the feature). The value is a call of a spec kind with literal arguments."""
+  target, sep, value = text.partition("=")
+  tower, _, name = target.strip().partition(".")
+  if not sep or tower not in ("query", "candidate") or not name:
+    raise ValueError(f"--feature {text!r}: use TOWER.NAME=SPEC with TOWER query or candidate, "
+                     "e.g. query.user_id=id('user_id', dim=32), or query.age=none.")
+  if value.strip().lower() == "none":
+    return tower, name, None
+  try:
+    call = ast.parse(value.strip(), mode="eval").body
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)):
+      raise ValueError("not a call")
+    args = [ast.literal_eval(a) for a in call.args]
+    kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+  except (SyntaxError, ValueError) as e:
+    raise ValueError(f"--feature {text!r}: the spec must be a kind called with literal "
+                     f"arguments, e.g. id('user_id', dim=32) ({e}).") from None
+  return tower, name, spec.make(call.func.id, *args, **kwargs)
+
+
+def set_feature(config, tower: str, name: str, value) -> None:
+  """Adds, replaces or (``value`` None) drops feature ``name`` of ``tower``."""
+  specs = config.features[tower]
+  if value is None:
+    if name not in specs:
+      raise ValueError(f"features.{tower} has no feature {name!r} to drop; it has "
+                       f"{', '.join(specs)}.")
+    del specs[name]
+  else:
+    specs[name] = value
+
+
+def override(config, item: str) -> None:
+  """One ``--set``/``--compare`` KEY=VALUE, a legacy feature switch, or a ``--feature``."""
+  if item.startswith("feature:"):
+    set_feature(config, *parse_feature(item.removeprefix("feature:")))
+    return
+  key, _, value = item.partition("=")
+  name = key.removeprefix("features.")
+  if key.startswith("features.") and name in LEGACY_FEATURES:
+    tower, legacy = LEGACY_FEATURES[name]
+    on = value.strip().lower() in ("1", "true", "yes")
+    if on:
+      set_feature(config, tower, name, legacy.copy_and_resolve_references())
+    elif name in config.features[tower]:
+      set_feature(config, tower, name, None)
+    return
+  config_lib.set_path(config, key, value)
+
+
+def feature_names(config) -> dict[str, list[str]]:
+  return {t: list(config.features[t]) for t in ("query", "candidate")}
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(prog="python benchmarks/bench.py train", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", default="configs/seed.py")
+  p.add_argument("--config", default="configs/seed.py",
+                 help="a config file, or FILE:VARIANT, e.g. configs/tiny.py:user_id")
   p.add_argument("--batch_sizes", default="2048,8192")
   p.add_argument("--epochs", type=int, default=2)
   p.add_argument("--max_steps", type=int, default=0,
                  help="time only this many steps per epoch (0: whole epochs)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="config override, e.g. --set data.source=synthetic")
+  p.add_argument("--feature", action="append", default=[], metavar="TOWER.NAME=SPEC",
+                 help="add or replace a feature, or drop it with SPEC none, e.g. "
+                      "--feature \"query.user_id=id('user_id', dim=32)\" --feature query.age=none")
   p.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
                  help="also measure each batch size with these overrides, in the same run, "
-                      "and print the speed-up, e.g. --compare optimizer.sparse_embeddings=True")
+                      "and print the speed-up, e.g. --compare optimizer.sparse_embeddings=True "
+                      "(feature:TOWER.NAME=SPEC changes a feature)")
   p.add_argument("--out", default=None, help="also write the figures as JSON here")
   args = p.parse_args(argv)
-  config = config_lib.load_config_file(args.config)
-  for item in args.set:
-    config_lib.set_path(config, *item.split("=", 1))
+  config = load_config(args.config)
+  for item in [*args.set, *(f"feature:{f}" for f in args.feature)]:
+    override(config, item)
+  config_lib.validate(config)
   sharding.configure_cpu_devices(config.cpu_devices,
                               int(args.batch_sizes.split(",")[0]))
   results = []
@@ -120,12 +215,14 @@ def main(argv: list[str] | None = None) -> int:
   if args.compare:
     other = config.copy_and_resolve_references()
     for item in args.compare:
-      config_lib.set_path(other, *item.split("=", 1))
+      override(other, item)
+    config_lib.validate(other)
     variants.append((" ".join(args.compare), other))
   for b in (int(x) for x in args.batch_sizes.split(",")):
     rows = []
     for name, cfg in variants:
-      r = {"variant": name, **measure(cfg, b, args.epochs, args.max_steps)}
+      r = {"variant": name, "features": feature_names(cfg),
+           **measure(cfg, b, args.epochs, args.max_steps)}
       print(json.dumps(r), flush=True)
       rows.append(r)
     if len(rows) == 2:

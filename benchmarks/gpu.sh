@@ -21,8 +21,8 @@ timeout 100 python3 benchmarks/bench.py train --config=configs/seed.py --batch_s
 timeout 180 python3 benchmarks/bench.py train --config=configs/seed.py --batch_sizes=8192 \
   --epochs=1 --set data.source=synthetic --set data.synthetic_items=1000000 \
   --set data.synthetic_interactions=10000000 --set data.synthetic_users=200000 \
-  --set data.split=random --set features.age=False --set features.gender=False \
-  --set features.occupation=False --set features.user_id=True \
+  --set data.split=random --feature query.age=none --feature query.gender=none \
+  --feature query.occupation=none --feature "query.user_id=id('user_id', dim=32)" \
   --compare optimizer.sparse_embeddings=True \
   --out="$out/train_gpu_1m.json" 2>&1 | grep -v -i warn | tail -3
 for p in "--precision=default" "--dtype=bfloat16 --precision=default"; do

@@ -34,9 +34,12 @@ def model_scores(workdir: str, test: dict, m: int) -> np.ndarray:
   """Scores [Q, m] of a trained run's serving directory, columns indexed by movie id (NaN
   for ids outside the catalogue)."""
   rec = serving.load(pathlib.Path(workdir) / "serving")
-  s_QxN = rec.embed(test) @ np.asarray(rec.index.embeddings_NxD, np.float32).T
+  # The columns the model's query features read; the index's ids are catalogue rows, whose
+  # item keys (movie ids) are rec.item_ids_N.
+  q_QxD = rec.embed({c: test[c] for c in rec.query_columns() if c in test})
+  s_QxN = q_QxD @ np.asarray(rec.index.embeddings_NxD, np.float32).T
   out_QxM = np.full((s_QxN.shape[0], m), np.nan, np.float32)
-  out_QxM[:, np.asarray(rec.index.ids_N)] = s_QxN
+  out_QxM[:, np.asarray(rec.item_ids_N)[np.asarray(rec.index.ids_N)]] = s_QxN
   return out_QxM
 
 

@@ -7,6 +7,7 @@ correction; Adam; a seeded random 80/20 split.
     python -m twotower_jax.main --config configs/default.py --workdir runs/default
 """
 
+from twotower_jax import spec
 from twotower_jax.config import base_config
 
 
@@ -15,10 +16,13 @@ def get_config(arg: str = "random"):
   c.name = "default"
   c.data.split = arg  # random (80/20) | temporal (90/10) | leave_last_out | seed
   c.data.test_fraction = 0.1 if arg == "temporal" else 0.2
-  c.features.user_id = True
-  c.features.genres = "all"
-  c.features.title_words = True
-  c.features.release_year = True
+  c.features.query = {"user_id": spec.id("user_id", dim=32), **c.features.query.to_dict()}
+  c.features.candidate = {
+      "title": spec.id("movie_title", dim=32),
+      "genres": spec.multi_hot("movie_genres", dim=8),  # all of a movie's genres
+      "title_words": spec.text("movie_title", dim=32, max_words=8, max_size=20_000),
+      "release_year": spec.categorical("movie_release_year", dim=8),
+  }
   c.loss.logq = "counts"
   c.optimizer.name = "adam"
   c.optimizer.learning_rate = 0.003

@@ -23,6 +23,6 @@ def get_config(arg: str = "random"):
   if arg == "temporal":
     # Test times lie after every training time: coarser time buckets generalize better,
     # and more epochs fit the past more than they predict the future.
-    c.features.num_time_buckets = 50
+    c.features.query.time.buckets = 50
     c.train.num_epochs = 3
   return c

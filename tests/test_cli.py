@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import write_synthetic_ml100k
+from conftest import GENRES, write_synthetic_ml100k
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -56,11 +56,13 @@ def titles_by_id(data_dir):
 
 
 def rated_in_training(workdir, user_id):
-  """Movie ids ``user_id`` rated in the training split, from the serving directory's users.npz."""
-  with np.load(workdir / "serving" / "users.npz") as f:
-    row = int(np.flatnonzero(f["user_id"] == user_id)[0])
+  """Movie ids ``user_id`` rated in the training split, from the serving directory's users.npz
+  (catalogue rows) and candidates.npz (the movie id of each row)."""
+  with np.load(workdir / "serving" / "users.npz") as f, \
+       np.load(workdir / "serving" / "candidates.npz") as c:
+    row = int(np.flatnonzero(f["user_key"] == user_id)[0])
     ptr = f["rated_indptr"]
-    return set(f["rated_movie_id"][ptr[row]:ptr[row + 1]].tolist())
+    return set(c["item_id"][f["rated_rows"][ptr[row]:ptr[row + 1]]].tolist())
 
 
 def rated_in_u_data(data_dir, user_id):
@@ -126,45 +128,70 @@ def test_recommend_from_explicit_features(trained):
   top = ranked_lists(proc.stdout)["Top 3"]
   assert [r for r, _, _ in top] == [1, 2, 3] and len({t for _, _, t in top}) == 3
   assert [s for _, s, _ in top] == sorted((s for _, s, _ in top), reverse=True)
+  assert "out-of-vocabulary" not in proc.stderr  # every value known
+  # The shortcuts set the columns of the query features: --query with them is the same query.
+  query = json.dumps({"raw_user_age": 30, "user_gender": False,
+                      "user_occupation_text": "engineer", "timestamp": 880000000})
+  same = run_cli("--mode=recommend", f"--workdir={workdir}", f"--query={query}", "--top_n=3",
+                 check=True)
+  assert same.stdout == proc.stdout
+  male = run_cli("--mode=recommend", f"--workdir={workdir}", "--age=30", "--gender=M",
+                 "--occupation=engineer", "--time=880000000", "--top_n=3", check=True)
+  assert ranked_lists(male.stdout)["Top 3"] != top  # --gender=F is False, M is True
 
 
-def test_recommend_unknown_occupation_is_an_error_with_the_known_values(trained):
+def test_recommend_unknown_occupation_is_served_through_oov_with_one_info_line(trained):
   workdir, _ = trained
-  proc = run_cli("--mode=recommend", f"--workdir={workdir}", "--age=30", "--gender=F",
-                 "--occupation=enginer", "--time=880000000")
-  assert proc.returncode == 2
-  assert "Unknown occupation 'enginer'" in proc.stderr and "Did you mean 'engineer'" in proc.stderr
-  ok = run_cli("--mode=recommend", f"--workdir={workdir}", "--age=30", "--gender=F",
-               "--occupation=astronaut", "--time=880000000", "--allow_unknown", check=True)
-  assert ok.stdout.startswith("Top 10:") and len(ranked_lists(ok.stdout)["Top 10"]) == 10
+  features = ("--mode=recommend", f"--workdir={workdir}", "--age=30", "--gender=F",
+              "--time=880000000")
+  for occupation, hint in (("enginer", " Did you mean 'engineer'?"), ("astronaut", "")):
+    proc = run_cli(*features, f"--occupation={occupation}", check=True)
+    assert proc.stdout.startswith("Top 10:") and len(ranked_lists(proc.stdout)["Top 10"]) == 10
+    info = [line for line in proc.stderr.splitlines() if "out-of-vocabulary" in line]
+    assert len(info) == 1 and info[0].endswith(
+        f"Unknown value {occupation!r} for occupation (column 'user_occupation_text') in 1 of "
+        f"1 queries: served through the out-of-vocabulary index.{hint}"), proc.stderr
+  # --allow_unknown is gone: unknown values are always served.
+  proc = run_cli(*features, "--occupation=astronaut", "--allow_unknown")
+  assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+  assert "Unknown command line flag 'allow_unknown'" in proc.stderr
 
 
 def test_recommend_missing_features_names_them(trained):
   workdir, _ = trained
   proc = run_cli("--mode=recommend", f"--workdir={workdir}", "--age=30")
-  assert proc.returncode == 2
-  assert "recommend needs --user_id or all of" in proc.stderr
-  # The part after "missing" lists exactly the flags not given, in order.
-  assert proc.stderr.strip().endswith("; missing --gender --occupation --time."), proc.stderr
+  assert proc.returncode == 2 and proc.stdout == ""
+  assert ("error: No user given: a query needs ['raw_user_age', 'user_gender', "
+          "'user_occupation_text', 'timestamp']") in proc.stderr
+  # The part after "missing" lists exactly the columns not given, in order.
+  assert proc.stderr.strip().endswith(
+      "; missing ['user_gender', 'user_occupation_text', 'timestamp']."), proc.stderr
   proc = run_cli("--mode=recommend", f"--workdir={workdir}", "--age=30", "--gender=F",
                  "--time=880000000")
   assert proc.returncode == 2
-  assert proc.stderr.strip().endswith("; missing --occupation."), proc.stderr
+  assert proc.stderr.strip().endswith("; missing ['user_occupation_text']."), proc.stderr
 
 
-def test_export_ranker_writes_top_n_per_query(trained):
+def test_export_ranker_writes_top_n_per_query(trained, data_dir):
   workdir, _ = trained
   out = workdir / "ranker.csv"
   run_cli("--mode=export_ranker", f"--workdir={workdir}", "--top_n=7", "--max_queries=5",
           f"--export_path={out}", check=True)
   from twotower_jax import export  # pylint: disable=g-import-not-at-top
   cols = export.read_ranker_csv(out)
+  assert list(cols) == [
+      "query_index", "user_id", "raw_user_age", "user_gender", "user_occupation_text",
+      "timestamp", "true_movie_id", "user_rating", "rank", "movie_id", "movie_title",
+      "movie_genres", "movie_release_year", "retrieval_score", "label"]
   assert len(cols["movie_id"]) == 35
-  for name in ("user_id", "raw_user_age", "user_occupation_text", "timestamp", "movie_title",
-               "movie_genres", "retrieval_score", "rank", "label"):
-    assert name in cols
   assert sorted(set(cols["query_index"].tolist())) == ["0", "1", "2", "3", "4"]
+  assert cols["rank"].tolist() == [str(r) for r in range(1, 8)] * 5
   assert set(cols["label"].tolist()) <= {"0", "1"}
+  assert (cols["label"] == "1").tolist() == (cols["movie_id"] == cols["true_movie_id"]).tolist()
+  assert set(cols["user_gender"].tolist()) <= {"true", "false"}
+  assert all(g and set(g.split("|")) <= set(GENRES) for g in cols["movie_genres"])
+  title_of = titles_by_id(data_dir)
+  assert cols["movie_title"].tolist() == [title_of[int(m)] for m in cols["movie_id"]]
 
 
 def test_unknown_config_key_suggests_the_right_one(data_dir, tmp_path):
@@ -220,23 +247,29 @@ def test_recommend_without_a_trained_run(tmp_path):
 
 
 @pytest.mark.parametrize("flag, expected", [
-    ("--age=-30", "'raw_user_age' (--age) is -30 (row 0), outside the range seen in training"),
-    ("--age=1e30", "'raw_user_age' (--age) is 1e+30 (row 0), outside the range seen in training"),
-    ("--age=nan", "'raw_user_age' (--age) must be a finite number; got nan"),
-    ("--time=100000000000000000000", "'timestamp' (--time) is 1e+20 (row 0), outside the range "
-                                     "seen in training"),
-    ("--time=-1", "'timestamp' (--time) is -1 (row 0), outside the range seen in training"),
+    ("--age=-30", "error: Query column 'raw_user_age' is -30 (row 0), outside the range seen in "
+                  "training: 7 to 73. Pass a value in that range."),
+    ("--age=1e30", "error: Query column 'raw_user_age' is 1e+30 (row 0), outside the range seen "
+                   "in training: 7 to 73. Pass a value in that range."),
+    ("--age=nan", "error: Query column 'raw_user_age' must be a finite number; got nan (row 0)."),
 ])
 def test_recommend_rejects_values_outside_the_training_range(trained, flag, expected):
   workdir, _ = trained
-  features = {"--age": "--age=30", "--time": "--time=880000000"}
-  features[flag.split("=")[0]] = flag
   proc = run_cli("--mode=recommend", f"--workdir={workdir}", "--gender=F",
-                 "--occupation=engineer", *features.values())
+                 "--occupation=engineer", "--time=880000000", flag)
   assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
-  assert expected in proc.stderr, proc.stderr
-  if "range" in expected:  # the message gives the range: ages 7..73 in the synthetic users
-    assert ("7 to 73" if "age" in flag else " to ") in proc.stderr
+  assert proc.stderr.strip().endswith(expected), proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--time=100000000000000000000", "--time=-1"])
+def test_recommend_serves_timestamps_outside_the_training_range(trained, flag):
+  """Timestamps are not range-checked (a query comes after training); numbers still are."""
+  workdir, _ = trained
+  proc = run_cli("--mode=recommend", f"--workdir={workdir}", "--age=30", "--gender=F",
+                 "--occupation=engineer", flag, "--top_n=3", check=True)
+  top = ranked_lists(proc.stdout)["Top 3"]
+  assert [r for r, _, _ in top] == [1, 2, 3] and len({t for _, _, t in top}) == 3
+  assert "outside the range" not in proc.stderr and "error:" not in proc.stderr
 
 
 @pytest.mark.parametrize("flag, expected", [

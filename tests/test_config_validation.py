@@ -16,6 +16,7 @@ import pytest
 
 from conftest import write_synthetic_ml100k
 from twotower_jax import config as config_lib
+from twotower_jax import spec
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -44,8 +45,10 @@ def problems_of(config) -> list[str]:
 @pytest.mark.parametrize("key,value,expected", [
     ("train.batch_size", 0, "train.batch_size=0: must be a positive integer (e.g. 2048)."),
     ("train.batch_size", -8, "train.batch_size=-8: must be a positive integer (e.g. 2048)."),
-    ("model.title_dim", 0, "model.title_dim=0: must be a positive integer (e.g. 32)."),
-    ("model.user_dim", 0, "model.user_dim=0: must be a positive integer (e.g. 32)."),
+    ("features.candidate.title.dim", 0,
+     "features.candidate.title.dim=0: must be an integer >= 1"),
+    ("features.query.occupation.dim", 0,
+     "features.query.occupation.dim=0: must be an integer >= 1"),
     ("model.mlp", (16, 0),
      "model.mlp=(16, 0): every layer width must be a positive integer, e.g. (64, 32, 16)."),
     ("train.num_epochs", 0, "train.num_epochs=0: must be a positive integer (e.g. 5)."),
@@ -77,7 +80,7 @@ def test_several_bad_values_give_one_message_listing_all():
       "  train.batch_size=0: must be a positive integer (e.g. 2048).",
       "  model.mlp=(16, 0): every layer width must be a positive integer, e.g. (64, 32, 16).",
       "  train.num_epochs=-1: must be a positive integer (e.g. 5).",
-      "  data.source='grouplnes': must be one of 'grouplens', 'tfds', 'ml-1m', 'ml-20m', "
+      "  data.source='grouplnes': must be one of 'tables', 'grouplens', 'tfds', 'ml-1m', 'ml-20m', "
       "'ml-25m', 'ml-latest', 'synthetic'. Did you mean 'grouplens'?",
       "  optimizer.learning_rate=nan: must be a finite number > 0 (e.g. 0.1).",
   ])
@@ -88,9 +91,11 @@ def test_several_bad_values_give_one_message_listing_all():
     ("eval__batch_size", 0, "must be a positive integer"),
     ("model__mlp", (), "must be a non-empty tuple of layer widths"),
     ("model__mlp", (64, 2.5), "every layer width must be a positive integer"),
-    ("features__num_time_buckets", 1, "must be an integer >= 2"),
-    ("features__max_title_words", 0, "must be a positive integer"),
-    ("features__max_vocab", -1, "must be a positive integer"),
+    ("features__query__time__buckets", 1, "must be an integer >= 2"),
+    ("features__query__time__dim", 0, "must be an integer >= 1"),
+    ("features__query__occupation__min_count", 0, "must be an integer >= 1"),
+    ("features__candidate__title__max_size", -1, "must be an integer >= 0"),
+    ("features__candidate__genre__max_values", -1, "must be an integer >= 0"),
     ("train__checkpoint_every_steps", 0, "must be a positive integer"),
     ("train__max_checkpoints", 0, "must be a positive integer"),
     ("model__table_rows_multiple", 0, "must be a positive integer (1: no padding)"),
@@ -119,7 +124,9 @@ def test_several_bad_values_give_one_message_listing_all():
     ("train__recency_half_life_days", -1.0, "must be a finite number >= 0 (0: off)"),
     # choices
     ("data__split", "temporl", "Did you mean 'temporal'?"),
-    ("features__genres", "some", "must be one of 'first', 'all', 'none'."),
+    ("features__candidate__genre__pooling", "max", "must be one of mean, sum"),
+    ("features__candidate__genre__sep", "", "must be a non-empty string"),
+    ("features__query__age__boundaries", (35, 18), "must be increasing numbers"),
     ("loss__logq", "count", "Did you mean 'counts'?"),
     ("optimizer__name", "adamx", "must be one of 'adagrad', 'adam', 'adamw', 'sgd'."),
     ("optimizer__schedule", "linear", "must be one of 'constant', 'cosine'."),
@@ -133,8 +140,12 @@ def test_several_bad_values_give_one_message_listing_all():
     ("train__num_epochs", 2.0, "train.num_epochs=2.0: must be a positive integer"),
     ("train__batch_size", None, "train.batch_size=None: must be a positive integer"),
     ("optimizer__learning_rate", "fast", "optimizer.learning_rate='fast': must be a finite"),
-    ("features__user_id", 1, "features.user_id=1: must be True or False."),
-    ("features__user_id", "yes", "features.user_id='yes': must be True or False."),
+    ("features__candidate__title__dim", True,
+     "features.candidate.title.dim=True: must be an integer >= 1"),
+    ("features__query__time__dim", 2.5,
+     "features.query.time.dim=2.5: must be an integer >= 1"),
+    ("features__query__age__normalize", 1,
+     "features.query.age.normalize=1: must be True or False"),
     ("data__source", 3, "data.source=3: must be one of"),
     ("data__dir", 5, "data.dir=5: must be a string"),
     ("eval__ks", "10", "eval.ks='10': must be a non-empty tuple of positive integers"),
@@ -155,13 +166,42 @@ def test_split_files_needs_both_files():
                                   data__test_file="u1.test"))
 
 
+def test_feature_specs_of_an_unknown_kind_or_option():
+  problems = problems_of(config_with(features__query__age__kind="numerc"))
+  assert problems == ["features.query.age: unknown kind 'numerc'. Did you mean 'numeric'? "
+                      "Kinds: id, categorical, numeric, timestamp, multi_hot, text."]
+  cfg = config_lib.base_config()
+  cfg.features.query.time.bukets = 50
+  [problem] = problems_of(cfg)
+  assert problem.startswith("features.query.time: unknown option 'bukets' for a timestamp "
+                            "feature. Did you mean 'buckets'?"), problem
+  problems = problems_of(config_with(features__query__age__buckets=4,
+                                     features__query__age__boundaries=(18, 35)))
+  assert problems == ["features.query.age.buckets=4: give buckets (quantiles) or boundaries, "
+                      "not both"]
+  problems = problems_of(config_with(features=3))
+  assert [p.split(":")[0] for p in problems] == ["features.query", "features.candidate"]
+  assert all("must map feature names to specs" in p for p in problems)
+
+
 def test_settings_that_contradict_each_other():
-  no_query = {f"features__{k}": False for k in config_lib.QUERY_FEATURES}
-  assert "the query tower has no input" in problems_of(config_with(**no_query))[0]
-  no_cand = dict(features__title=False, features__genres="none")
-  assert "the candidate tower has no input" in problems_of(config_with(**no_cand))[0]
-  sparse = dict(optimizer__sparse_embeddings=True, features__title=False)
-  assert "needs a user-id or title embedding table" in problems_of(config_with(**sparse))[0]
+  assert problems_of(config_with(features__query={})) == [
+      "features.query declares no feature; add at least one, e.g. {'item': S.id('item_id')}."]
+  assert problems_of(config_with(features__candidate={})) == [
+      "features.candidate declares no feature; add at least one, e.g. "
+      "{'item': S.id('item_id')}."]
+  both = config_lib.base_config()
+  both.features.query["title"] = both.features.candidate.title
+  [problem] = problems_of(both)
+  assert problem.startswith("features: ['title'] named in both towers"), problem
+  # base_config's only `id` feature is the title: without it there is nothing to update
+  # sparsely.
+  sparse = dict(optimizer__sparse_embeddings=True, features__candidate__title__kind="categorical")
+  assert problems_of(config_with(**sparse)) == [
+      "optimizer.sparse_embeddings=True: needs a feature of kind 'id' (a large embedding "
+      "table, e.g. spec.id('user_id')), or turn sparse_embeddings off."]
+  config_lib.validate(config_with(optimizer__sparse_embeddings=True))
+  config_lib.validate(config_with(features__candidate__title__kind="categorical"))
   assert problems_of(config_with(distributed=True, coordinator_address="h:1"))[0].startswith(
       "num_processes=0: with distributed=True and a coordinator_address")
   assert problems_of(config_with(distributed=True, coordinator_address="h:1",
@@ -177,11 +217,22 @@ def test_settings_that_contradict_each_other():
 def test_every_key_of_base_config_has_a_check():
   def leaves(node, prefix=""):
     for key, value in node.items():
+      if f"{prefix}{key}" in config_lib.SPEC_SECTIONS:
+        continue  # feature specs: spec.check_specs, below
       if isinstance(value, ml_collections.ConfigDict):
         yield from leaves(value, f"{prefix}{key}.")
       else:
         yield f"{prefix}{key}"
-  assert set(leaves(config_lib.base_config())) == set(config_lib.CHECKS)
+  base = config_lib.base_config()
+  assert set(leaves(base)) == set(config_lib.CHECKS)
+  # Every key of every spec of the spec sections is one that spec.check_specs checks.
+  assert config_lib.SPEC_SECTIONS == ("features.query", "features.candidate")
+  assert set(base.features) == {"query", "candidate"}
+  for tower in ("query", "candidate"):
+    assert base.features[tower]
+    for name, s in base.features[tower].items():
+      assert set(s) == {"kind", "column", *spec.OPTIONS[s.kind]}, (tower, name)
+    assert set(spec.check_specs(tower, base.features[tower])) == set(base.features[tower])
 
 
 def test_choice_lists_match_the_code_that_acts_on_them():
@@ -199,9 +250,11 @@ def test_choice_lists_match_the_code_that_acts_on_them():
       train.create_optimizer(ml_collections.ConfigDict(dict(base.to_dict(), **bad)), 10)
 
 
-@pytest.mark.parametrize("name,arg", [("seed", None), ("tiny", None), ("default", None),
+@pytest.mark.parametrize("name,arg", [("seed", None), ("tiny", None), ("tiny", "user_id"),
+                                      ("tiny", "all"), ("default", None),
                                       ("default", "temporal"), ("demographic", None),
-                                      ("demographic", "temporal")])
+                                      ("demographic", "temporal"), ("shop", None),
+                                      ("shop", "csv"), ("ids", None), ("ids", "ml-25m")])
 def test_committed_configs_validate(name, arg):
   cfg = config_lib.load_config_file(REPO / "configs" / f"{name}.py", arg)
   config_lib.check_keys(cfg, config_lib.base_config())
@@ -210,7 +263,17 @@ def test_committed_configs_validate(name, arg):
 
 def test_every_committed_config_file_is_covered():
   assert {p.stem for p in (REPO / "configs").glob("*.py")} == {
-      "seed", "tiny", "default", "demographic"}
+      "seed", "tiny", "default", "demographic", "shop", "ids"}
+
+
+def test_check_keys_leaves_feature_names_to_the_user():
+  cfg = config_lib.load_config_file(REPO / "configs" / "tiny.py", "all")
+  assert "user_id" in cfg.features.query and "user_id" not in config_lib.base_config().features.query
+  config_lib.check_keys(cfg, config_lib.base_config())  # feature names are not base keys
+  cfg.features.qurey = cfg.features.query
+  with pytest.raises(ValueError, match=r"Unknown config key 'features.qurey'. Did you mean "
+                                       r"'query'\?"):
+    config_lib.check_keys(cfg, config_lib.base_config())
 
 
 # --------------------------------------------------------------------- check_against_data()
@@ -269,15 +332,16 @@ def test_cli_bad_value_exits_2_before_writing_anything(data_dir, tmp_path, flag,
 def test_cli_lists_every_bad_value_at_once(data_dir, tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
-  proc = train_cli(data_dir, workdir, "--config.train.batch_size=-8", "--config.model.title_dim=0",
-                   "--config.train.num_epochs=-1", "--config.eval.ks=(1,1)")
+  proc = train_cli(data_dir, workdir, "--config.train.batch_size=-8",
+                   "--config.features.candidate.title.dim=0", "--config.train.num_epochs=-1",
+                   "--config.eval.ks=(1,1)")
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.splitlines() == [
       "error: Invalid config (4 problems):",
       "  eval.ks=(1, 1): the cutoffs must be distinct (1 repeated), e.g. (1, 5, 10, 50, 100).",
-      "  model.title_dim=0: must be a positive integer (e.g. 32).",
       "  train.batch_size=-8: must be a positive integer (e.g. 2048).",
       "  train.num_epochs=-1: must be a positive integer (e.g. 5).",
+      "  features.candidate.title.dim=0: must be an integer >= 1",
   ]
   assert list(workdir.iterdir()) == []
 
@@ -306,6 +370,13 @@ def test_cli_typo_in_a_key_name_has_no_escaped_quotes(tmp_path):
   assert proc.stderr == ("error: Unknown config key 'train.batch_size.x' in "
                          "--config.train.batch_size.x=3: 'train.batch_size' is a value, "
                          "not a section.\n")
+  proc = run_cli("--config", "configs/tiny.py", f"--workdir={tmp_path}",
+                 "--config.features.query.time.bukets=50")
+  assert proc.returncode == 2
+  assert proc.stderr == (
+      "error: Unknown config key 'features.query.time.bukets' in "
+      "--config.features.query.time.bukets=50. Did you mean 'buckets'? Valid keys in "
+      "'features.query.time': buckets, column, dim, kind.\n")
 
 
 @pytest.mark.parametrize("flag,expected", [
@@ -313,8 +384,11 @@ def test_cli_typo_in_a_key_name_has_no_escaped_quotes(tmp_path):
      "error: flag --config.train.batch_size=abc: 'abc' is not an integer.\n"),
     ("--config.optimizer.learning_rate=fast",
      "error: flag --config.optimizer.learning_rate=fast: 'fast' is not a number.\n"),
-    ("--config.features.user_id=maybe",
-     "error: flag --config.features.user_id=maybe: 'maybe' is not a boolean; use True or False.\n"),
+    ("--config.features.query.age.normalize=maybe",
+     "error: flag --config.features.query.age.normalize=maybe: 'maybe' is not a boolean; use "
+     "True or False.\n"),
+    ("--config.features.query.time.buckets=many",
+     "error: flag --config.features.query.time.buckets=many: 'many' is not an integer.\n"),
 ])
 def test_cli_value_of_the_wrong_type_reads_naturally(tmp_path, flag, expected):
   proc = run_cli("--config", "configs/tiny.py", f"--workdir={tmp_path}", flag)

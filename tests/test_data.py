@@ -319,8 +319,13 @@ def test_split_errors():
     splits.split_indices(ratings, "random", seed=0, test_fraction=1.5)
   with pytest.raises(dataset.DataError, match="leaves 0 test"):
     splits.split_indices(ratings, "temporal", seed=0, test_fraction=0.01)
-  with pytest.raises(dataset.DataError, match="needs a 'timestamp' column"):
+  with pytest.raises(dataset.DataError, match=r"split 'temporal' needs a timestamp column "
+                                              r"\(timestamp\); the interactions have "
+                                              r"\['user_id'\]"):
     splits.split_indices({"user_id": np.arange(10)}, "temporal", seed=0)
+  with pytest.raises(dataset.DataError, match=r"split 'leave_last_out' needs a timestamp "
+                                              r"column \(none is set\)"):
+    splits.split_indices(ratings, "leave_last_out", seed=0, time_key="")
   with pytest.raises(dataset.DataError, match="no user has two or more ratings"):
     splits.split_indices(ratings, "leave_last_out", seed=0)
 

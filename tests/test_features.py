@@ -1,17 +1,24 @@
-"""Feature encoders: Keras lookup/discretization/normalization semantics, plain-data I/O."""
+"""Feature encoders, one per spec kind: Keras lookup/discretization/normalization semantics,
+fitted on training data only, plain-data I/O, and the spec-against-data checks."""
+
+import re
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from twotower_jax import config as config_lib
 from twotower_jax import features as feat
+from twotower_jax import spec
+from twotower_jax.data.dataset import DataError
 
 
 def test_vocab_orders_by_frequency_then_value_and_oov_is_zero():
   enc = feat.fit_vocab(np.array(["b", "a", "c", "a", "b", "a"]))
   assert enc["vocab"].tolist() == ["a", "b", "c"]
   assert feat.lookup(enc, np.array(["a", "c", "zzz", "b"])).tolist() == [1, 3, 0, 2]
-  assert feat.vocab_size(enc) == 4
+  assert feat.vocab_rows(enc) == 4
+  # The same from pyarrow strings.
+  assert feat.lookup(enc, pa.array(["a", "c", "zzz", "b"])).tolist() == [1, 3, 0, 2]
 
 
 def test_integer_vocab_keeps_padding():
@@ -20,10 +27,22 @@ def test_integer_vocab_keeps_padding():
   assert feat.lookup(enc, np.array([[9, -1], [4, 5]])).tolist() == [[3, -1], [0, 1]]
 
 
-def test_vocab_max_size_truncates_rare_values():
+def test_vocab_max_size_and_min_count():
   enc = feat.fit_vocab(np.array([1, 1, 2, 3, 3, 3]), max_size=2)
   assert enc["vocab"].tolist() == [3, 1]
   assert feat.lookup(enc, np.array([2])).tolist() == [0]
+  assert feat.fit_vocab(np.array([1, 1, 2, 3, 3, 3]), min_count=2)["vocab"].tolist() == [3, 1]
+
+
+def test_hashing_is_stable_and_in_range():
+  enc = feat.fit_vocab(np.arange(10), hash_buckets=7)
+  assert enc == {"kind": "hash", "buckets": 7} and feat.vocab_rows(enc) == 8
+  ids = np.arange(1000)
+  rows = feat.lookup(enc, ids)
+  assert rows.min() >= 1 and rows.max() <= 7 and len(np.unique(rows)) == 7
+  np.testing.assert_array_equal(rows, feat.lookup(enc, ids))  # the same every time
+  words = feat.lookup(enc, pa.array(["x", "y", "x"]))
+  assert words[0] == words[2] and 1 <= words.min() and words.max() <= 7
 
 
 def test_discretize_matches_keras_bucket_boundaries():
@@ -33,123 +52,162 @@ def test_discretize_matches_keras_bucket_boundaries():
   assert got.tolist() == [0, 3, 3, 2, 1, 3]
 
 
-def test_discretizer_spans_training_range():
-  enc = feat.fit_discretizer(np.array([10, 20, 30]), num_buckets=5)
-  assert enc["boundaries"].tolist() == [10.0, 15.0, 20.0, 25.0, 30.0]
-  assert feat.discretize(enc, np.array([9, 10, 29, 30, 31])).tolist() == [0, 1, 4, 5, 5]
-
-
-def test_normalizer():
+def test_normalizer_stores_the_training_range():
   enc = feat.fit_normalizer(np.array([1.0, 2.0, 3.0, 4.0]))
   assert enc["mean"] == 2.5 and enc["var"] == pytest.approx(1.25)
+  assert feat.value_range(enc) == (1.0, 4.0)
   np.testing.assert_allclose(feat.normalize(enc, np.array([2.5, 3.618034])), [0.0, 1.0],
                              atol=1e-5)
 
 
-def test_tokenize_titles_drops_year_and_lowercases():
-  words = feat.tokenize_titles(
-      np.array(["Toy Story (1995)", "Amélie: Le Fabuleux (2001)", "Ça_va, Schindler's List"]), 3)
-  assert words.tolist() == [["toy", "story", ""], ["amélie", "le", "fabuleux"],
-                            ["ça", "va", "schindler's"]]
+def _python_words(title: str, max_words: int) -> list[str]:
+  """The reference tokenizer: Python's Unicode word characters, a trailing year dropped."""
+  title = re.sub(r"\(\d{4}(?:\s*[-\u2013]\s*\d{0,4})?\)\s*$", "", title).lower()
+  return re.findall(r"(?:[^\W_]|')+", title)[:max_words]
+
+
+def test_text_tokens_match_the_python_reference():
+  titles = ["Toy Story (1995)", "Amélie: Le Fabuleux (2001)", "Ça_va, Schindler's List",
+            "Fawlty Towers (1975-1979)", "", "Seven (Se7en) (1995)"]
+  s = spec.text("t", max_words=3)
+  enc = feat.fit(s, np.array(titles))
+  x = feat.encode("t", s, enc, np.array(titles))["t"]
+  vocab = np.asarray([""] + enc["vocab"].tolist())
+  got = [[str(vocab[i]) for i in row if i >= 0] for row in x]
+  assert got == [_python_words(t, 3) for t in titles]
+  assert x.shape == (len(titles), 3)
+
+
+def test_numeric_kinds():
+  x = np.array([1.0, 10.0, 100.0, 1000.0])
+  plain = spec.numeric("x")
+  enc = feat.fit(plain, x)
+  np.testing.assert_allclose(feat.encode("x", plain, enc, x)["x"], (x - x.mean()) / x.std(),
+                             rtol=1e-5)
+  logged = spec.numeric("x", log=True)
+  enc = feat.fit(logged, x)
+  assert enc["mean"] == pytest.approx(np.log1p(x).mean())
+  buckets = spec.numeric("x", buckets=2)
+  enc = feat.fit(buckets, x)
+  assert feat.rows(buckets, enc) == 2 and feat.encode("x", buckets, enc, x)["x"].tolist() == [
+      0, 0, 1, 1]
+  given = spec.numeric("x", boundaries=(5, 50))
+  enc = feat.fit(given, x)
+  assert feat.encode("x", given, enc, x)["x"].tolist() == [0, 1, 2, 2]
+  assert feat.rows(plain, feat.fit(plain, x)) == 0  # the value enters the tower as is
+
+
+def test_timestamp_buckets_clip_to_the_populated_ones():
+  s = spec.timestamp("ts", buckets=5)
+  enc = feat.fit(s, np.array([10, 20, 30]))
+  out = feat.encode("ts", s, enc, np.array([0, 10, 29, 30, 99]))
+  assert out["ts"].tolist() == [1, 1, 4, 4, 4]  # never the untrained rows 0 and 5
+  assert feat.rows(s, enc) == 6
+  np.testing.assert_allclose(out["ts_value"][1], (10 - 20) / np.std([10, 20, 30]), rtol=1e-5)
+
+
+def test_multi_hot_from_strings_or_padded_ids():
+  s = spec.multi_hot("tags")
+  enc = feat.fit(s, pa.array(["a|b", "c", "", None, "a"]))
+  assert enc["vocab"].tolist() == ["a", "b", "c"] and enc["width"] == 2
+  x = feat.encode("tags", s, enc, np.array(["b|a|zz", "", "c"]))["tags"]
+  assert x.tolist() == [[2, 1], [-1, -1], [3, -1]]  # the third value cut at width 2
+  first = spec.multi_hot("g", max_values=1)
+  enc = feat.fit(first, np.array([[3, 1], [1, -1]]))
+  assert feat.encode("g", first, enc, np.array([[3, 1], [7, -1]]))["g"].tolist() == [[2], [0]]
+
+
+def test_single_valued_missing_values_are_out_of_vocabulary():
+  s = spec.categorical("year")
+  enc = feat.fit(s, np.array([1990, -1, 1991, 1990]))
+  assert feat.encode("year", s, enc, np.array([1990, -1, 2000]))["year"].tolist() == [1, 0, 0]
 
 
 def _toy_columns():
   train = {
       "user_id": np.array([1, 2, 2, 3]),
-      "raw_user_age": np.array([20.0, 30.0, 30.0, 40.0], np.float32),
-      "user_gender": np.array([True, False, False, True]),
-      "user_occupation_text": np.array(["writer", "artist", "artist", "doctor"]),
-      "timestamp": np.array([100, 200, 300, 400]),
-      "movie_id": np.array([10, 11, 10, 12]),
-      "movie_title": np.array(["A (1990)", "B (1991)", "A (1990)", "C (1992)"]),
-      "movie_genres": np.array([[0, 1], [2, -1], [0, 1], [1, -1]], np.int32),
+      "age": np.array([20.0, 30.0, 30.0, 40.0]),
+      "country": pa.array(["DE", "FR", "FR", "IT"]),
+      "ts": np.array([100, 200, 300, 400]),
+      "item": np.array([10, 11, 10, 12]),
   }
-  movies = {
-      "movie_id": np.array([10, 11, 12, 13]),
-      "movie_title": np.array(["A (1990)", "B (1991)", "C (1992)", "D (1993)"]),
-      "movie_genres": np.array([[0, 1], [2, -1], [1, -1], [3, -1]], np.int32),
-      "movie_release_year": np.array([1990, 1991, 1992, -1], np.int32),
+  items = {
+      "item": np.array([10, 11, 12, 13]),
+      "name": pa.array(["Red shoe", "Blue shirt", "Red book", "Green toy"]),
+      "tags": pa.array(["red|sale", "blue", "red", "green"]),
   }
-  return train, movies
+  return train, items
 
 
-def test_fit_and_encode_on_training_data_only():
-  train, movies = _toy_columns()
-  cfg = config_lib.base_config().features
-  cfg.user_id = True
-  cfg.genres = "all"
-  cfg.num_time_buckets = 4
-  enc = feat.fit_encoders(train, movies, cfg)
-  q = feat.encode_queries(enc, train)
-  assert q["occupation"].tolist() == [3, 1, 1, 2]  # artist (2x), doctor, writer
-  assert q["time_bucket"].tolist() == [1, 2, 3, 3]  # the maximum shares the last bucket
-  np.testing.assert_allclose(q["age"].mean(), 0.0, atol=1e-6)
-  c = feat.encode_candidates(enc, movies, cfg)
-  # Movie 13 (never in training) gets the OOV title; genre 3 (unseen) is OOV too.
-  assert c["title"].tolist() == [1, 2, 3, 0]
-  assert c["genres"][3].tolist() == [0, -1]
-  sizes = feat.vocab_sizes(enc)
-  assert sizes["title"] == 4 and sizes["time_bucket"] == 5 and sizes["user_id"] == 4
+SPECS = {
+    "query": {"user": spec.id("user_id"), "age": spec.numeric("age"),
+              "country": spec.categorical("country"), "ts": spec.timestamp("ts", buckets=3)},
+    "candidate": {"item": spec.id("item"), "words": spec.text("name", max_words=2),
+                  "tags": spec.multi_hot("tags")},
+}
 
 
-def test_unknown_values_at_inference_map_to_oov():
-  train, movies = _toy_columns()
-  enc = feat.fit_encoders(train, movies, config_lib.base_config().features)
-  q = feat.encode_queries(enc, {
-      "raw_user_age": np.array([25.0]), "user_gender": np.array([True]),
-      "user_occupation_text": np.array(["astronaut"]), "timestamp": np.array([10**10])})
-  assert q["occupation"].tolist() == [0]
-  # Beyond the training range: the last populated bucket, not an untrained one.
-  assert q["time_bucket"].tolist() == [len(enc["time_bucket"]["boundaries"]) - 1]
+def test_fit_on_training_data_only_and_encode_every_row():
+  train, items = _toy_columns()
+  train_rows = np.array([0, 1, 0, 2])  # item 13 never occurs in training
+  enc = feat.fit_encoders(SPECS["query"], SPECS["candidate"], train, items, train_rows)
+  assert enc["item"]["vocab"].tolist() == [10, 11, 12]
+  assert "toy" not in enc["words"]["vocab"] and "green" not in enc["tags"]["vocab"]
+  c = feat.encode_tower(SPECS["candidate"], enc, items, "items table")
+  assert c["item"].tolist() == [1, 2, 3, 0] and c["tags"][3].tolist() == [0, -1]
+  q = feat.encode_tower(SPECS["query"], enc, train, "interactions")
+  assert set(q) == {"user", "age", "country", "ts", "ts_value"}
+  assert q["user"].tolist() == [2, 1, 1, 3]  # user 2 is the most frequent, then by value
+  rows = feat.embedding_rows(SPECS["query"], enc)
+  assert rows == {"user": 4, "age": 0, "country": 4, "ts": 4}
 
 
-def test_missing_column_names_the_flag():
-  train, movies = _toy_columns()
-  del train["user_occupation_text"]
-  with pytest.raises(ValueError, match="features.occupation=False"):
-    feat.fit_encoders(train, movies, config_lib.base_config().features)
-
-
-def test_save_load_round_trip(tmp_path):
-  train, movies = _toy_columns()
-  cfg = config_lib.base_config().features
-  cfg.title_words = True
-  cfg.release_year = True
-  enc = feat.fit_encoders(train, movies, cfg)
+def test_encoders_round_trip_as_plain_data(tmp_path):
+  train, items = _toy_columns()
+  enc = feat.fit_encoders(SPECS["query"], SPECS["candidate"], train, items,
+                          np.array([0, 1, 0, 2]))
   feat.save_encoders(enc, tmp_path)
   back = feat.load_encoders(tmp_path)
   assert set(back) == set(enc)
   for name in enc:
     for key, value in enc[name].items():
       np.testing.assert_array_equal(np.asarray(back[name][key]), np.asarray(value))
-  c1 = feat.encode_candidates(enc, movies, cfg)
-  c2 = feat.encode_candidates(back, movies, cfg)
-  for k in c1:
-    np.testing.assert_array_equal(c1[k], c2[k])
-
-
-def test_load_missing_encoders_is_clear(tmp_path):
   with pytest.raises(FileNotFoundError, match="encoders.json is missing"):
-    feat.load_encoders(tmp_path)
+    feat.load_encoders(tmp_path / "nope")
 
 
-def test_unknown_config_key_is_rejected_with_suggestion():
-  cfg = config_lib.base_config()
-  cfg.optimizer.lerning_rate = 0.1
-  with pytest.raises(ValueError, match="Did you mean 'learning_rate'"):
-    config_lib.check_keys(cfg, config_lib.base_config())
+def test_spec_problems_against_the_data_come_in_one_message(monkeypatch):
+  train, items = _toy_columns()
+  train["age"] = pa.array(["20", "x", "30", "40"])
+  monkeypatch.setattr(feat, "MAX_CATEGORIES", 2)
+  specs = {"query": {"age": spec.numeric("age"), "country": spec.categorical("country"),
+                     "gone": spec.categorical("no_such_column")},
+           "candidate": {"item": spec.id("item")}}
+  with pytest.raises(DataError) as e:
+    feat.check_columns(specs, train, items)
+  msg = str(e.value)
+  assert "features.query.age (numeric of column 'age'): the column holds text" in msg
+  assert "features.query.country" in msg and "3 distinct values" in msg and "spec.id" in msg
+  assert "no such column in the interactions" in msg and "columns there:" in msg
 
 
-def test_set_path_casts_strings_and_rejects_unknown_keys():
-  cfg = config_lib.base_config()
-  config_lib.set_path(cfg, "train.batch_size", "512")
-  config_lib.set_path(cfg, "features.user_id", "true")
-  assert cfg.train.batch_size == 512 and cfg.features.user_id is True
-  with pytest.raises(ValueError, match="Did you mean 'batch_size'"):
-    config_lib.set_path(cfg, "train.batch_sze", 1)
-  with pytest.raises(ValueError, match=r"no 'trian' here\)\. Did you mean 'train'"):
-    config_lib.set_path(cfg, "trian.batch_size", 1)
-  with pytest.raises(ValueError, match=r"Valid keys here: \[.*'num_epochs'"):
-    config_lib.set_path(cfg, "train.qqq", 1)
-  with pytest.raises(ValueError, match="'train.batch_size' is a value, not a section"):
-    config_lib.set_path(cfg, "train.batch_size.x", 1)
+def test_even_buckets_equal_a_binary_search():
+  rng = np.random.default_rng(0)
+  for _ in range(10):
+    lo = rng.uniform(-1e9, 1e9)
+    b = np.linspace(lo, lo + rng.uniform(1e-3, 1e10), int(rng.integers(2, 2000)))
+    x = np.concatenate([rng.uniform(b[0] - 1e3, b[-1] + 1e3, 10_000), b,
+                        np.nextafter(b, -np.inf), np.nextafter(b, np.inf)])
+    np.testing.assert_array_equal(feat.even_buckets(b, x),
+                                  np.searchsorted(b, x, side="right"))
+
+
+def test_timestamp_values_run_at_most_one_training_span_past_training():
+  s = spec.timestamp("ts", buckets=5)
+  enc = feat.fit(s, np.array([100.0, 200.0, 300.0]))
+  inside = feat.encode("ts", s, enc, np.array([150.0, 350.0]))["ts_value"]
+  far = feat.encode("ts", s, enc, np.array([1e20, -1e20]))["ts_value"]
+  np.testing.assert_allclose(inside, (np.array([150.0, 350.0]) - 200.0) / np.std([100, 200, 300]),
+                             rtol=1e-5)
+  np.testing.assert_allclose(far, (np.array([500.0, -100.0]) - 200.0) / np.std([100, 200, 300]),
+                             rtol=1e-5)

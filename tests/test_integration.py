@@ -3,8 +3,10 @@
 import json
 import pathlib
 
+import flax
 import pytest
 
+from twotower_jax import checkpoints
 from twotower_jax import config as config_lib
 from twotower_jax import serving
 from twotower_jax import train
@@ -38,8 +40,19 @@ def test_seed_config_on_the_real_files(real_data_dir, tmp_path):
   assert on_disk["split"] == "seed" and on_disk["config"] == "seed"
   rec = serving.load(tmp_path / "serving")
   r = rec.recommend(rec.user_features([196]), 10, exclude_ids=rec.rated([196]))
-  assert len(set(r.movie_id[0].tolist())) == 10
-  assert not set(r.movie_id[0].tolist()) & set(rec.rated([196])[0].tolist())
+  assert len(set(r.item_id[0].tolist())) == 10
+  assert not set(r.item_id[0].tolist()) & set(rec.rated([196])[0].tolist())
+  # The notebook's model: its parameters, named after the features. The title table has a
+  # row per title of the 80,000 training ratings (1,631) plus the out-of-vocabulary row.
+  params = checkpoints.load_params(tmp_path)
+  shapes = {k: tuple(v.shape) for k, v in
+            flax.traverse_util.flatten_dict(params, sep="/").items()}
+  mlp = {f"{t}/mlp/dense_{i}/{w}": s for t, first in (("query", 44), ("candidate", 40))
+         for i, (n_in, n_out) in enumerate(zip((first, 64, 32), (64, 32, 16)))
+         for w, s in (("kernel", (n_in, n_out)), ("bias", (n_out,)))}
+  assert shapes == {"query/gender/embedding": (3, 2), "query/occupation/embedding": (22, 8),
+                    "query/time/embedding": (1001, 32), "candidate/title/embedding": (1632, 32),
+                    "candidate/genre/embedding": (20, 8), **mlp}
 
 
 @pytest.mark.slow

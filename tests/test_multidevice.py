@@ -22,23 +22,24 @@ from twotower_jax import input_pipeline
 from twotower_jax import sharding
 from twotower_jax import checkpoints
 from twotower_jax import model as model_lib
-from twotower_jax import features as feat
-cfg = config_lib.load_config_file("configs/tiny.py")
+variant = sys.argv[3]
+# Beyond "dense": tiny.py with the user id, so both towers have an id table.
+cfg = config_lib.load_config_file("configs/tiny.py", "" if variant == "dense" else "user_id")
 cfg.data.dir = sys.argv[1]
 cfg.data.download = False
 cfg.train.num_epochs = 2
 cfg.train.batch_size = 64
 cfg.eval.baselines = False
-variant = sys.argv[3]
 if variant != "dense":
-  cfg.features.user_id = True
   cfg.optimizer.sparse_embeddings = "sparse" in variant
 if "sharded" in variant:
   cfg.train.shard_embeddings = True
   cfg.model.table_rows_multiple = 8
   # The tables start and stay split by rows over the devices.
   prep = input_pipeline.prepare(cfg)
-  model = model_lib.create_model(cfg.model, feat.vocab_sizes(prep.encoders))
+  model = model_lib.create_model(cfg.model, prep.query_features, prep.candidate_features)
+  tables = [(tower, t) for tower, t, _ in model.sparse_tables()]
+  assert tables == [("query", "user_id"), ("candidate", "title")], tables
   tx = train.create_optimizer(cfg.optimizer, 10)
   mesh = sharding.make_mesh()
   state = train.init_state(model, tx, prep, cfg, 0, mesh)
@@ -47,8 +48,7 @@ if "sharded" in variant:
   idx, valid = input_pipeline.epoch_batches(len(prep.train_item), 64, 0, 0)
   state, _ = step(state, input_pipeline.device_data(prep, mesh), sharding.put_batches(idx, mesh),
                   sharding.put_batches(valid, mesh), 0)
-  for t in ("user_id", "title"):
-    tower = "query" if t == "user_id" else "candidate"
+  for tower, t in tables:
     spec = state.params[tower][t]["embedding"].sharding.spec
     assert tuple(spec) == ("data", None), (t, spec)
 m = train.train_and_evaluate(cfg, sys.argv[2])
@@ -100,14 +100,15 @@ def test_two_processes_match_one(tmp_path, variant):
                                     num_ratings=3000, seed=3)
   one = _run(2, data_dir, tmp_path / "one", variant)
   workdir = tmp_path / "two"
+  config = "configs/tiny.py" if variant == "dense" else "configs/tiny.py:user_id"
   extra = [] if variant == "dense" else [
-      "--config.features.user_id=True", "--config.optimizer.sparse_embeddings=True",
+      "--config.optimizer.sparse_embeddings=True",
       "--config.train.shard_embeddings=True", "--config.model.table_rows_multiple=8"]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
   port = _free_port()
   procs = [subprocess.Popen(
-      [sys.executable, "-m", "twotower_jax.main", "--config", "configs/tiny.py",
+      [sys.executable, "-m", "twotower_jax.main", "--config", config,
        f"--workdir={workdir}", f"--config.data.dir={data_dir}", "--config.data.download=False",
        "--config.cpu_devices=1", "--config.train.batch_size=64", "--config.train.num_epochs=2",
        "--config.eval.baselines=False", "--config.distributed=True",

@@ -19,6 +19,8 @@ NUM_EPOCHS = 3
 # name -> (overrides, baseline): the option's per-epoch losses must differ from those of a run
 # with the same seed and the baseline's overrides alone (the option switched off). None: the
 # option changes no arithmetic (padding, sharding); its own checks below show it took effect.
+# "variant" picks a variant of configs/tiny.py (its feature specs): "user_id" adds the user id
+# to the query tower, "all" also the candidate's genre bag, title words and release year.
 OPTIONS = {
     "logq_counts": ({"loss.logq": "counts"}, {}),
     "logq_streaming": ({"loss.logq": "streaming", "loss.streaming_buckets": 256}, {}),
@@ -31,12 +33,11 @@ OPTIONS = {
     "adamw_warmup_cosine": ({"optimizer.name": "adamw", "optimizer.learning_rate": 0.01,
                              "optimizer.weight_decay": 1e-4, "optimizer.schedule": "cosine",
                              "optimizer.warmup_steps": 5, "optimizer.grad_clip_norm": 1.0}, {}),
-    "all_features": ({"features.user_id": True, "features.genres": "all",
-                      "features.title_words": True, "features.release_year": True}, {}),
+    "all_features": ({"variant": "all"}, {}),
     "temporal_split": ({"data.split": "temporal"}, {}),
-    "sparse_embeddings": ({"features.user_id": True, "optimizer.sparse_embeddings": True},
-                          {"features.user_id": True}),
-    "padded_split_tables": ({"features.user_id": True, "train.shard_embeddings": True,
+    "sparse_embeddings": ({"variant": "user_id", "optimizer.sparse_embeddings": True},
+                          {"variant": "user_id"}),
+    "padded_split_tables": ({"variant": "user_id", "train.shard_embeddings": True,
                              "model.table_rows_multiple": 64}, None),
     "recency_weights": ({"data.split": "temporal", "train.recency_half_life_days": 30.0},
                         {"data.split": "temporal"}),
@@ -51,8 +52,10 @@ def data_dir(tmp_path_factory):
 
 
 def run(data_dir, workdir, overrides, num_epochs):
-  """Trains tiny.py with ``overrides``; returns (metrics, per-epoch losses)."""
-  cfg = config_lib.load_config_file(REPO / "configs" / "tiny.py")
+  """Trains tiny.py (its ``overrides["variant"]``) with ``overrides``; returns (metrics,
+  per-epoch losses)."""
+  overrides = dict(overrides)
+  cfg = config_lib.load_config_file(REPO / "configs" / "tiny.py", overrides.pop("variant", ""))
   cfg.data.dir = str(data_dir)
   cfg.data.download = False
   cfg.eval.baselines = False
@@ -99,14 +102,14 @@ def test_option_trains(name, data_dir, baseline_losses, tmp_path):
   assert m["split"] == split
   assert json.loads((tmp_path / "config.json").read_text())["data"]["split"] == split
   with np.load(tmp_path / "serving" / "users.npz") as f:
-    users = {k: f[k] for k in f.files}  # per user: the latest training rating's features
+    users = {k: f[k] for k in f.files}  # per user: the latest training rating's columns
   r = ratings_file(data_dir)
   if split == "temporal":  # training holds exactly the earliest num_train ratings
     assert m["num_train"] + m["num_test"] == NUM_RATINGS
-    assert users["timestamp"].max() == np.sort(r[:, 3])[m["num_train"] - 1]
+    assert users["col:timestamp"].max() == np.sort(r[:, 3])[m["num_train"] - 1]
   if split == "leave_last_out":  # each user's latest rating is the test one
     assert m["num_test"] == NUM_USERS and m["num_train"] == NUM_RATINGS - NUM_USERS
-    for u, latest_train in zip(users["user_id"], users["timestamp"]):
+    for u, latest_train in zip(users["user_key"], users["col:timestamp"]):
       assert latest_train == np.sort(r[r[:, 0] == u, 3])[-2]
 
   if name == "all_features":  # the extra features have their own tables
@@ -118,7 +121,7 @@ def test_option_trains(name, data_dir, baseline_losses, tmp_path):
     assert params["candidate"]["title"]["embedding"].shape[0] % 64 == 0
     assert params["query"]["user_id"]["embedding"].shape[0] % 64 == 0
     rec = serving.load(tmp_path / "serving")
-    assert rec.recommend(rec.user_features([1]), 5).movie_id.shape == (1, 5)
+    assert rec.recommend(rec.user_features([1]), 5).item_id.shape == (1, 5)
   if name == "l2_learned_temperature":
     params = checkpoints.load_params(tmp_path)
     assert float(np.exp(params["log_temperature"])) != pytest.approx(0.1)

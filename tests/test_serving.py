@@ -13,8 +13,7 @@ from twotower_jax import train
 from twotower_jax import input_pipeline
 from twotower_jax import checkpoints
 from twotower_jax import model as model_lib
-from twotower_jax import features as feat
-from conftest import write_synthetic_ml100k
+from conftest import GENRES, write_synthetic_ml100k
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,13 +36,14 @@ def test_round_trip_reproduces_the_trained_query_tower(trained):
   workdir, cfg = trained
   rec = serving.load(workdir / "serving")
   prep = input_pipeline.prepare(cfg)
-  model = model_lib.create_model(cfg.model, feat.vocab_sizes(prep.encoders))
+  model = model_lib.create_model(cfg.model, prep.query_features, prep.candidate_features)
   params = checkpoints.load_params(workdir)
   # The same 5 test interactions embedded by the training code and by the serving directory.
   xq = {k: v[:5] for k, v in prep.test_q.items()}
   want = np.asarray(model_lib.embed_queries(params, xq, model=model))
-  raw = {c: prep.test[c][:5] for c in ("raw_user_age", "user_gender", "user_occupation_text",
-                                       "timestamp")}
+  assert rec.query_columns() == ["raw_user_age", "user_gender", "user_occupation_text",
+                                 "timestamp"]
+  raw = {c: prep.test[c][:5] for c in rec.query_columns()}
   np.testing.assert_allclose(rec.embed(raw), want, rtol=1e-5, atol=1e-6)
   # Candidate embeddings in the directory equal the model's.
   c_want = np.asarray(model_lib.embed_candidates(params, prep.cand, model=model))
@@ -58,10 +58,13 @@ def test_recommend_from_python_matches_brute_force(trained):
   r = rec.recommend(feats, 7)
   q = rec.embed(feats)
   scores = q @ np.asarray(rec.index.embeddings_NxD).T
+  assert r.valid.all()
   for row in range(2):
     order = np.argsort(-scores[row], kind="stable")[:7]
-    assert r.movie_id[row].tolist() == np.asarray(rec.index.ids_N)[order].tolist()
-    assert r.genres[row] and all(isinstance(g, list) for g in r.genres[row])
+    assert r.item_id[row].tolist() == rec.item_ids_N[order].tolist()
+    np.testing.assert_allclose(r.score[row], scores[row][order], rtol=1e-5, atol=1e-6)
+    genres = [g.split("|") for g in r.columns["movie_genres"][row]]
+    assert all(g and set(g) <= set(GENRES) for g in genres), genres
 
 
 def test_only_serving_files_are_needed(trained, tmp_path):
@@ -69,7 +72,7 @@ def test_only_serving_files_are_needed(trained, tmp_path):
   copy = tmp_path / "serving_only"
   shutil.copytree(workdir / "serving", copy)
   rec = serving.load(copy)
-  assert rec.recommend(rec.user_features([1]), 3).movie_id.shape == (1, 3)
+  assert rec.recommend(rec.user_features([1]), 3).item_id.shape == (1, 3)
 
 
 def test_missing_file_is_named(trained, tmp_path):
@@ -113,7 +116,8 @@ def test_not_a_directory(tmp_path):
 def test_unknown_user_is_a_clear_error(trained):
   workdir, _ = trained
   rec = serving.load(workdir)
-  with pytest.raises(serving.ServingError, match="User id 99999 has no training ratings"):
+  with pytest.raises(serving.ServingError, match="User 99999 has no training interactions, so "
+                                                 "its features are unknown"):
     rec.user_features([99999])
 
 
@@ -125,18 +129,22 @@ def test_padding_slots_have_no_title_or_genres(trained, lowest):
   feats = rec.user_features([3])
   num_movies = len(rec.index.ids_N)
   r = rec.recommend(feats, num_movies + 5, lowest=lowest)
-  assert r.movie_id.shape == r.score.shape == r.movie_title.shape == (1, num_movies + 5)
-  pad = r.movie_id[0] < 0
-  assert pad.sum() == 5 and pad[-5:].all()
+  genres = r.columns["movie_genres"]
+  assert r.item_id.shape == r.score.shape == r.title.shape == genres.shape == (
+      1, num_movies + 5)
+  pad = r.item_id[0] < 0
+  assert pad.sum() == 5 and pad[-5:].all() and (pad == ~r.valid[0]).all()
   assert np.isneginf(r.score[0][pad]).all() and np.isfinite(r.score[0][~pad]).all()
-  assert r.movie_title[0][pad].tolist() == [""] * 5  # was the title of catalogue row 0
-  assert r.genres[0][-5:] == [[]] * 5
-  assert all(t and g for t, g in zip(r.movie_title[0][~pad], r.genres[0][:num_movies]))
+  assert r.title[0][pad].tolist() == [""] * 5  # was the title of catalogue row 0
+  assert genres[0][-5:].tolist() == [""] * 5
+  assert all(t and g for t, g in zip(r.title[0][~pad], genres[0][:num_movies]))
+  assert len(r.rows(0)) == num_movies
   rated = rec.rated([3])[0]
   r = rec.recommend(feats, num_movies, exclude_ids=[rated], lowest=lowest)
-  pad = r.movie_id[0] < 0
-  assert pad.sum() == len(rated)
-  assert set(r.movie_title[0][pad].tolist()) == {""} and not any(r.genres[0][-len(rated):])
+  pad = r.item_id[0] < 0
+  assert pad.sum() == len(rated) and not set(r.item_id[0][~pad].tolist()) & set(rated.tolist())
+  assert set(r.title[0][pad].tolist()) == {""}
+  assert not any(r.columns["movie_genres"][0][-len(rated):])
 
 
 @pytest.mark.parametrize("name", ["query_params.npz", "candidates.npz", "users.npz",

@@ -15,6 +15,7 @@ from twotower_jax import sparse
 from twotower_jax import train
 from twotower_jax import input_pipeline
 from twotower_jax import sharding
+from twotower_jax import spec
 from twotower_jax import model as model_lib
 from conftest import load_benchmark, write_synthetic_ml100k
 
@@ -28,12 +29,12 @@ def data_dir(tmp_path_factory):
                                 num_ratings=3000, seed=7)
 
 
-def make_config(data_dir, **overrides):
-  cfg = config_lib.load_config_file(REPO / "configs" / "tiny.py")
+def make_config(data_dir, variant="user_id", **overrides):
+  """tiny.py's ``variant`` (default: with the user id, so both towers have an id table)."""
+  cfg = config_lib.load_config_file(REPO / "configs" / "tiny.py", variant)
   cfg.data.dir = str(data_dir)
   cfg.data.download = False
   cfg.eval.baselines = False
-  cfg.features.user_id = True
   cfg.train.batch_size = 64
   for key, value in overrides.items():
     config_lib.set_path(cfg, key, value)
@@ -43,7 +44,9 @@ def make_config(data_dir, **overrides):
 def run_steps(cfg, sparse_embeddings: bool, steps: int = STEPS):
   """Jitted steps from the same initial state; returns every state and the losses."""
   prep = input_pipeline.prepare(cfg)
-  model = model_lib.create_model(cfg.model, features.vocab_sizes(prep.encoders))
+  model = model_lib.create_model(cfg.model, prep.query_features, prep.candidate_features)
+  assert model.sparse_tables() == (("query", "user_id", ("xq",)),
+                                   ("candidate", "title", ("xc", "extra_xc")))
   tx = train.create_optimizer(cfg.optimizer, 100)
   state = train.init_state(model, tx, prep, cfg, jax.random.key(0))
   data = input_pipeline.device_data(prep, sharding.make_mesh())
@@ -113,32 +116,71 @@ def test_scatter_drops_padding_rows():
   full = {"candidate": {"title": {"embedding": jnp.zeros((4, 2))}}}
   rows = {("candidate", "title"): jnp.array([1, 4])}  # 4: a padding slot
   sub = {"candidate": {"title": {"embedding": jnp.ones((2, 2))}}}
-  out = sparse.scatter(full, sub, rows, sparse.shapes_of(full))
+  out = sparse.scatter(full, sub, rows,
+                       sparse.shapes_of(full, (("candidate", "title", ("xc", "extra_xc")),)))
   np.testing.assert_array_equal(out["candidate"]["title"]["embedding"][:, 0], [0, 1, 0, 0])
 
 
 def test_no_table_is_an_error(data_dir, tmp_path):
-  cfg = make_config(data_dir, **{"features.user_id": False, "features.title": False,
-                                 "features.genres": "all", "optimizer.sparse_embeddings": True})
-  with pytest.raises(ValueError, match="sparse_embeddings=True needs a user-id or title"):
+  # No feature of kind id: the title becomes a categorical feature, the user id is left out.
+  cfg = make_config(data_dir, "", **{"features.candidate.title.kind": "categorical",
+                                     "optimizer.sparse_embeddings": True})
+  prep = input_pipeline.prepare(cfg)
+  model = model_lib.create_model(cfg.model, prep.query_features, prep.candidate_features)
+  assert model.sparse_tables() == ()
+  with pytest.raises(ValueError, match="sparse_embeddings=True needs a feature of kind 'id'"):
+    train.sparse_step(cfg, model)
+  with pytest.raises(ValueError, match="sparse_embeddings=True needs a feature of kind 'id'"):
     train.train_and_evaluate(cfg, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()
+  cfg.optimizer.sparse_embeddings = False
+  assert train.sparse_step(cfg, model) is False
 
 
 def test_training_benchmark_compares_sparse_with_dense(tmp_path, capsys):
   bench = load_benchmark()
   out = tmp_path / "train.json"
+  # The synthetic data have no demographics: the user id and time make up the query tower.
   synthetic = ["data.source=synthetic", "data.synthetic_users=300", "data.synthetic_items=500",
-               "data.synthetic_interactions=5000", "data.split=random", "features.age=False",
-               "features.gender=False", "features.occupation=False", "features.user_id=True"]
-  rc = bench.main(["train", f"--config={REPO / 'configs' / 'tiny.py'}", "--batch_sizes=64", "--epochs=1",
-                   "--max_steps=3", *[f"--set={s}" for s in synthetic],
+               "data.synthetic_interactions=5000", "data.split=random"]
+  drop = ["query.age=none", "query.gender=none", "query.occupation=none"]
+  rc = bench.main(["train", f"--config={REPO / 'configs' / 'tiny.py'}:user_id",
+                   "--batch_sizes=64", "--epochs=1", "--max_steps=3",
+                   *[f"--set={s}" for s in synthetic], *[f"--feature={f}" for f in drop],
                    "--compare=optimizer.sparse_embeddings=True", f"--out={out}"])
   assert rc == 0
   import json  # pylint: disable=g-import-not-at-top
   results = json.loads(out.read_text())["results"]
   assert [r["variant"] for r in results] == ["base", "optimizer.sparse_embeddings=True"]
+  assert all(r["features"] == {"query": ["time", "user_id"], "candidate": ["genre", "title"]}
+             for r in results), results
   assert all(r["bare_step_examples_per_second"] > 0 for r in results)
   assert "variant_over_base_bare_speed" in capsys.readouterr().out
+
+
+def test_training_benchmark_reads_the_documented_feature_switches():
+  """BENCHMARKS.md's command (--set features.user_id=True --set features.age=False ...)
+  measures the same model as the --feature specs."""
+  bt = load_benchmark("bench_train")
+  cfg = bt.load_config(str(REPO / "configs" / "seed.py"))
+  for item in ("features.age=False", "features.gender=False", "features.occupation=False",
+               "features.user_id=True"):
+    bt.override(cfg, item)
+  assert bt.feature_names(cfg) == {"query": ["time", "user_id"], "candidate": ["genre", "title"]}
+  assert cfg.features.query.user_id.to_dict() == spec.id("user_id", dim=32).to_dict()
+  config_lib.validate(cfg)
+  same = bt.load_config(str(REPO / "configs" / "seed.py"))
+  for item in ("query.age=none", "query.gender=none", "query.occupation=none",
+               "query.user_id=id('user_id', dim=32)"):
+    bt.override(same, f"feature:{item}")
+  assert same.to_dict() == cfg.to_dict()
+  assert bt.feature_names(bt.load_config(f"{REPO / 'configs' / 'tiny.py'}:all")) == {
+      "query": ["age", "gender", "occupation", "time", "user_id"],
+      "candidate": ["genre", "release_year", "title", "title_words"]}
+  with pytest.raises(ValueError, match="no feature 'age' to drop"):
+    bt.override(same, "feature:query.age=none")
+  with pytest.raises(ValueError, match="Unknown config key 'features.genres'"):
+    bt.override(same, "features.genres=all")
 
 
 def test_sharding_needs_rows_that_split(data_dir):
@@ -146,19 +188,28 @@ def test_sharding_needs_rows_that_split(data_dir):
   prep = input_pipeline.prepare(cfg)
   tx = train.create_optimizer(cfg.optimizer, 10)
   # A device count that cannot divide the user-id table: its row count plus one.
-  n = dict(features.vocab_sizes(prep.encoders))["user_id"] + 1
+  n = features.embedding_rows(prep.specs["query"], prep.encoders)["user_id"] + 1
   mesh = jax.sharding.AbstractMesh((n,), ("data",))
+
+  def create_model():
+    return model_lib.create_model(cfg.model, prep.query_features, prep.candidate_features)
 
   def abstract_state(model):
     return jax.eval_shape(lambda: train.init_state(model, tx, prep, cfg, 0))
 
+  def rows(tower):
+    return {f[0]: f[2] for f in tower.features}
+
+  model = create_model()
   with pytest.raises(ValueError, match=f"table_rows_multiple to a multiple of {n}"):
-    sharding.state_shardings(abstract_state(model_lib.create_model(cfg.model, features.vocab_sizes(prep.encoders))), mesh, True)
+    sharding.state_shardings(abstract_state(model), mesh, model.sparse_tables(), True)
   cfg.model.table_rows_multiple = n
-  model = model_lib.create_model(cfg.model, features.vocab_sizes(prep.encoders))
-  assert dict(model.query.vocab_sizes)["user_id"] == n
-  assert dict(model.candidate.vocab_sizes)["title"] % n == 0
-  shardings = sharding.state_shardings(abstract_state(model), mesh, True)
+  model = create_model()
+  assert rows(model.query)["user_id"] == n
+  assert rows(model.candidate)["title"] % n == 0
+  # Only the id tables are padded.
+  assert rows(model.query)["gender"] == {f[0]: f[2] for f in prep.query_features}["gender"] < n
+  shardings = sharding.state_shardings(abstract_state(model), mesh, model.sparse_tables(), True)
   assert tuple(shardings.params["candidate"]["title"]["embedding"].spec) == ("data", None)
   assert tuple(shardings.params["candidate"]["mlp"]["dense_0"]["kernel"].spec) == ()
   # Adagrad's accumulator for the table is split like the table.
@@ -169,5 +220,6 @@ def test_sharding_needs_rows_that_split(data_dir):
 
 def test_table_rows_multiple_must_be_positive(data_dir):
   cfg = make_config(data_dir, **{"model.table_rows_multiple": 0})
+  prep = input_pipeline.prepare(cfg)
   with pytest.raises(ValueError, match="table_rows_multiple=0: use a positive int"):
-    model_lib.create_model(cfg.model, features.vocab_sizes(input_pipeline.prepare(cfg).encoders))
+    model_lib.create_model(cfg.model, prep.query_features, prep.candidate_features)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +59,19 @@ class KeyIndex:
 
 
 def find_rows(keys_N, values) -> np.ndarray:
-  """Row of each of ``values`` in ``keys_N`` (any order), -1 where absent."""
+  """Row of each of ``values`` in ``keys_N`` (any order), -1 where absent.
+
+  Pyarrow arrays (string keys of one's own data) are matched by pyarrow's hash join.
+  """
+  if isinstance(keys_N, (pa.Array, pa.ChunkedArray)) or isinstance(
+      values, (pa.Array, pa.ChunkedArray)):
+    keys, vals = pa.array(keys_N) if isinstance(keys_N, np.ndarray) else keys_N, values
+    vals = pa.array(np.asarray(vals).reshape(-1)) if not isinstance(
+        vals, (pa.Array, pa.ChunkedArray)) else vals
+    if not vals.type.equals(keys.type):
+      vals = vals.cast(keys.type)
+    return pc.fill_null(pc.index_in(vals, value_set=keys), -1).to_numpy(
+        zero_copy_only=False).astype(np.int64)
   return KeyIndex.build(keys_N).rows(values)
 
 

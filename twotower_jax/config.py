@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import ml_collections
 
+from twotower_jax import spec
 from twotower_jax.data import splits
 
 
@@ -64,6 +65,8 @@ def check_keys(config: ml_collections.ConfigDict, reference: ml_collections.Conf
   """Raises ValueError for any key of ``config`` that ``reference`` (the seed config) lacks."""
   for key, value in config.items():
     name = f"{prefix}{key}"
+    if name in SPEC_SECTIONS:  # feature names are the user's; spec.check_specs checks them
+      continue
     if key not in reference:
       raise ValueError(
           f"Unknown config key {name!r}.{suggest(key, reference.keys())} "
@@ -84,7 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.process_id = -1
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "grouplens"  # grouplens | tfds | ml-1m | ml-20m | ml-25m | ml-latest | synthetic
+  # tables (your own files) | grouplens | tfds | ml-1m | ml-20m | ml-25m | ml-latest | synthetic
+  c.data.source = "grouplens"
   c.data.dir = ""  # empty: $TWOTOWER_DATA_DIR, then the user cache (downloading if online)
   c.data.download = True
   c.data.tfds_data_dir = ""  # source=tfds: TFDS data_dir (empty: TFDS's default)
@@ -101,35 +105,37 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.synthetic_affinity = 0.8
   c.data.synthetic_zipf_a = 1.1
   c.data.synthetic_seed = 0
+  # source=tables: your interactions (required), items and users (optional) as CSV or Parquet
+  # (paths relative to data.dir), and the columns that play each role.
+  c.data.interactions_file = ""
+  c.data.items_file = ""
+  c.data.users_file = ""
+  c.data.user_key = "user_id"
+  c.data.item_key = "item_id"
+  c.data.time_key = ""  # empty: no timestamp (no temporal split, no timestamp feature)
+  c.data.weight_key = ""  # a rating or weight column, kept for export
+  c.data.unknown_items = "error"  # error | drop: interactions whose item is not in items_file
 
+  # What each tower reads: feature name -> spec (twotower_jax.spec). Query features read the
+  # interactions (with the users table joined in), candidate features the items table.
   c.features = ml_collections.ConfigDict()
-  c.features.user_id = False
-  c.features.age = True
-  c.features.gender = True
-  c.features.occupation = True
-  c.features.time = True
-  c.features.num_time_buckets = 1000
-  c.features.title = True
-  c.features.genres = "first"  # first | all | none
-  c.features.title_words = False
-  c.features.max_title_words = 8
-  c.features.max_vocab = 20_000
-  c.features.release_year = False
+  c.features.query = {
+      "age": spec.numeric("raw_user_age"),
+      "gender": spec.categorical("user_gender", dim=2),
+      "occupation": spec.categorical("user_occupation_text", dim=8),
+      "time": spec.timestamp("timestamp", buckets=1000, dim=32),
+  }
+  c.features.candidate = {
+      "title": spec.id("movie_title", dim=32),
+      "genre": spec.multi_hot("movie_genres", dim=8, max_values=1),  # the first genre
+  }
 
   c.model = ml_collections.ConfigDict()
   c.model.mlp = (64, 32, 16)
-  c.model.user_dim = 32
-  c.model.gender_dim = 2
-  c.model.occupation_dim = 8
-  c.model.time_dim = 32
-  c.model.title_dim = 32
-  c.model.genre_dim = 8
-  c.model.word_dim = 32
-  c.model.year_dim = 8
   c.model.l2_normalize = False
   c.model.temperature = 1.0
   c.model.learn_temperature = False
-  c.model.table_rows_multiple = 1  # pad user-id/title tables to a multiple (for sharding)
+  c.model.table_rows_multiple = 1  # pad the id tables to a multiple of rows (for sharding)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.logq = "none"  # none | counts (training frequencies) | streaming (Yi et al. 2019)
@@ -146,14 +152,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.warmup_steps = 0
   c.optimizer.weight_decay = 0.0
   c.optimizer.grad_clip_norm = 0.0  # 0: off
-  # True: the user-id and title tables are updated only at the rows a batch uses (for
+  # True: the tables of `id` features are updated only at the rows a batch uses (for
   # adagrad/sgd without weight decay equal to the dense update; adam moments become lazy).
   c.optimizer.sparse_embeddings = False
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 2048
   c.train.num_epochs = 5
-  # True: the user-id and title tables (and their optimizer state) are split by rows over
+  # True: the tables of `id` features (and their optimizer state) are split by rows over
   # the devices instead of replicated on each.
   c.train.shard_embeddings = False
   c.train.recency_half_life_days = 0.0  # > 0: weight examples by 0.5 ** (age / half-life)
@@ -170,6 +176,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.serve.top_n = 10
   c.serve.bottom_n = 0
   c.serve.exclude_rated = False
+  c.serve.title_column = ""  # the items' title column shown by recommend ('': first text one)
   return c
 
 
@@ -179,14 +186,15 @@ def base_config() -> ml_collections.ConfigDict:
 # The accepted values of each choice key. Modules above this one act on them (they import
 # config, so config cannot import them back); tests/test_config_validation.py checks these
 # lists against data/sources.py LOADERS, features.py, and train.create_optimizer.
-DATA_SOURCES = ("grouplens", "tfds", "ml-1m", "ml-20m", "ml-25m", "ml-latest", "synthetic")
+DATA_SOURCES = ("tables", "grouplens", "tfds", "ml-1m", "ml-20m", "ml-25m", "ml-latest",
+                "synthetic")
+UNKNOWN_ITEMS = ("error", "drop")
+# The sections holding feature specs (keys are feature names, values specs).
+SPEC_SECTIONS = ("features.query", "features.candidate")
 DATA_SPLITS = (*splits.SPLIT_KINDS, "files")
-GENRE_MODES = ("first", "all", "none")
 LOGQ_MODES = ("none", "counts", "streaming")
 OPTIMIZERS = ("adagrad", "adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
-
-QUERY_FEATURES = ("user_id", "age", "gender", "occupation", "time")
 
 
 class ConfigError(ValueError):
@@ -296,27 +304,15 @@ CHECKS: dict[str, Check] = {
     "data.synthetic_zipf_a": _real("a finite number >= 0 (0: uniform popularity)",
                                    lambda x: x >= 0),
     "data.synthetic_seed": _int_at_least(0, "an integer >= 0"),
-    "features.user_id": _bool,
-    "features.age": _bool,
-    "features.gender": _bool,
-    "features.occupation": _bool,
-    "features.time": _bool,
-    "features.num_time_buckets": _int_at_least(2, "an integer >= 2"),
-    "features.title": _bool,
-    "features.genres": _one_of(GENRE_MODES),
-    "features.title_words": _bool,
-    "features.max_title_words": _POSITIVE,
-    "features.max_vocab": _POSITIVE,
-    "features.release_year": _bool,
+    "data.interactions_file": _string("a CSV or Parquet file (source='tables'), or ''"),
+    "data.items_file": _string("a CSV or Parquet file, or '' (no items table)"),
+    "data.users_file": _string("a CSV or Parquet file, or '' (no users table)"),
+    "data.user_key": _string("the user key column of the interactions"),
+    "data.item_key": _string("the item key column of the interactions"),
+    "data.time_key": _string("the timestamp column, or '' for none"),
+    "data.weight_key": _string("a weight or rating column, or '' for none"),
+    "data.unknown_items": _one_of(UNKNOWN_ITEMS),
     "model.mlp": _layer_widths,
-    "model.user_dim": _POSITIVE,
-    "model.gender_dim": _POSITIVE,
-    "model.occupation_dim": _POSITIVE,
-    "model.time_dim": _POSITIVE,
-    "model.title_dim": _POSITIVE,
-    "model.genre_dim": _POSITIVE,
-    "model.word_dim": _POSITIVE,
-    "model.year_dim": _POSITIVE,
     "model.l2_normalize": _bool,
     "model.temperature": _POSITIVE_REAL,
     "model.learn_temperature": _bool,
@@ -347,6 +343,7 @@ CHECKS: dict[str, Check] = {
     "serve.top_n": _POSITIVE,
     "serve.bottom_n": _NON_NEGATIVE,
     "serve.exclude_rated": _bool,
+    "serve.title_column": _string("an items column, or '' for the first text column"),
 }
 
 
@@ -387,7 +384,32 @@ def _lookup(config, dotted: str):
   return (node[last] if last in node else _MISSING), None
 
 
-def _cross_checks(ok: dict) -> list[str]:
+def _section(config, dotted: str):
+  value, _ = _lookup(config, dotted)
+  return value if isinstance(value, (ml_collections.ConfigDict, dict)) else {}
+
+
+def _feature_problems(config) -> list[str]:
+  """Every problem of the two towers' feature specs, and names used by both towers."""
+  problems = []
+  for section in SPEC_SECTIONS:
+    value, _ = _lookup(config, section)
+    if not isinstance(value, (ml_collections.ConfigDict, dict)):
+      problems.append(f"{section}: must map feature names to specs, e.g. "
+                      "{'item': spec.id('item_id')}.")
+      continue
+    try:
+      spec.check_specs(section.split(".")[1], value)
+    except spec.SpecError as e:
+      problems += [line.strip() for line in str(e).splitlines()[1:]]
+  both = set(_section(config, SPEC_SECTIONS[0])) & set(_section(config, SPEC_SECTIONS[1]))
+  if both:
+    problems.append(f"features: {sorted(both)} named in both towers; give each feature its "
+                    "own name (they name the encoders and the embedding tables).")
+  return problems
+
+
+def _cross_checks(ok: dict, config) -> list[str]:
   """Problems that involve several keys; only keys whose own check passed are in ``ok``."""
   problems = []
 
@@ -405,22 +427,17 @@ def _cross_checks(ok: dict) -> list[str]:
     items = ok["data.synthetic_items"]
     problems.append(f"data.synthetic_clusters={ok['data.synthetic_clusters']}: more clusters "
                     f"than the {items} items of data.synthetic_items; use at most {items}.")
-  query = [f"features.{k}" for k in QUERY_FEATURES]
-  if have(*query) and not any(ok[k] for k in query):
-    problems.append(f"{', '.join(f'{k}=False' for k in query)}: the query tower has no input; "
-                    "set one to True, e.g. --config.features.user_id=True.")
-  cand = ("features.title", "features.genres", "features.title_words", "features.release_year")
-  if have(*cand) and not (ok["features.title"] or ok["features.genres"] != "none"
-                          or ok["features.title_words"] or ok["features.release_year"]):
-    problems.append("features.title=False, features.genres='none', features.title_words=False, "
-                    "features.release_year=False: the candidate tower has no input; enable "
-                    "one, e.g. --config.features.title=True.")
-  if (have("optimizer.sparse_embeddings", "features.user_id", "features.title")
-      and ok["optimizer.sparse_embeddings"]
-      and not (ok["features.user_id"] or ok["features.title"])):
-    problems.append("optimizer.sparse_embeddings=True: needs a user-id or title embedding "
-                    "table; set features.user_id=True or features.title=True, or turn "
-                    "sparse_embeddings off.")
+  if have("data.source", "data.interactions_file") and ok["data.source"] == "tables" and (
+      not ok["data.interactions_file"]):
+    problems.append("data.interactions_file='': data.source='tables' needs your interactions "
+                    "(CSV or Parquet); set e.g. --config.data.interactions_file=events.parquet.")
+  problems += _feature_problems(config)
+  kinds = [s.get("kind") for t in SPEC_SECTIONS for s in _section(config, t).values()
+           if hasattr(s, "get")]
+  if have("optimizer.sparse_embeddings") and ok["optimizer.sparse_embeddings"] and (
+      "id" not in kinds):
+    problems.append("optimizer.sparse_embeddings=True: needs a feature of kind 'id' (a large "
+                    "embedding table, e.g. spec.id('user_id')), or turn sparse_embeddings off.")
   if (have("distributed", "coordinator_address", "num_processes", "process_id")
       and ok["distributed"] and ok["coordinator_address"]):
     n, rank = ok["num_processes"], ok["process_id"]
@@ -441,6 +458,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """
   problems, ok, bad_sections = [], {}, set()
   for key, default in _leaves(base_config()):
+    if key.startswith(tuple(f"{t}." for t in SPEC_SECTIONS)):
+      continue  # the specs: _feature_problems
     value, not_a_section = _lookup(config, key)
     if not_a_section is not None and not_a_section not in bad_sections:
       bad_sections.add(not_a_section)
@@ -453,7 +472,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ok[key] = value
     else:
       problems.append(f"{key}={_show(value)}: {problem}")
-  problems += _cross_checks(ok)
+  problems += _cross_checks(ok, config)
   if problems:
     raise ConfigError(problems)
 

@@ -1,11 +1,12 @@
 """Export retrieval results as training/serving input for a ranking model.
 
-For each query (an interaction of the chosen split) the top-N retrieved
-candidates are written, one CSV row each, joined with every query feature and
-every candidate feature, plus the retrieval rank and score and a ``label``
-column (1 when the candidate is the movie the user actually rated in that
-interaction, with its ``user_rating``). This is the input a ranking stage
-trains on: the retrieval stage's own candidates, not random pairs.
+For each query (an interaction of the chosen split) the top-N retrieved candidates are
+written, one CSV row each: the query's user key and every column of the query spec, the
+interaction's own item (``true_<item key>``) and weight or rating, the retrieval rank, the
+candidate's key and the items table's columns, the retrieval score and a ``label`` (1 when
+the candidate is the interaction's own item). This is the input a ranking stage trains
+on: the retrieval stage's own candidates, not random pairs. Rows are built as columns and
+written by pyarrow's CSV writer, a batch of queries at a time.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import pathlib
 import tempfile
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 
 from twotower_jax import serving
 from twotower_jax.data import download, sources
 from twotower_jax.data.dataset import DataError
 
-QUERY_COLUMNS = ("user_id", "raw_user_age", "bucketized_user_age", "user_gender",
-                 "user_occupation_text", "user_zip_code", "timestamp")
 SPLITS = ("train", "test")
 _log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ def check_args(*, split: str, top_n: int, max_queries: int, exclude_rated: bool,
   if split == "train" and exclude_rated:
     raise ExportError(
         "--exclude_rated cannot be used with --export_split=train: each training query's own "
-        "movie is one the user rated in training, so it would be excluded and every row would "
+        "item is one the user interacted with in training, so it would be excluded and every row would "
         "get label 0. Drop --exclude_rated, or export --export_split=test.")
 
 
@@ -128,15 +130,15 @@ def export_ranker(config, serving_dir: pathlib.Path, out: pathlib.Path, *, split
   dataset = sources.load_dataset(config.data)
   train, test = sources.train_test(config.data, dataset, int(config.seed))
   cols = test if split == "test" else train
-  n = len(cols["user_id"])
+  n = len(cols[dataset.user_key])
   if max_queries:
     n = min(n, max_queries)
   out.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
   tmp = pathlib.Path(tmp_name)
   try:
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-      rows = _write_rows(csv.writer(f), rec, cols, n, top_n=top_n, exclude_rated=exclude_rated,
+    with os.fdopen(fd, "wb") as f:
+      rows = _write_rows(f, rec, dataset, cols, n, top_n=top_n, exclude_rated=exclude_rated,
                          batch_size=batch_size)
     os.replace(tmp, out)
   except BaseException:
@@ -145,35 +147,51 @@ def export_ranker(config, serving_dir: pathlib.Path, out: pathlib.Path, *, split
   return rows
 
 
-def _write_rows(w, rec: serving.Recommender, cols, n: int, *, top_n: int, exclude_rated: bool,
-                batch_size: int) -> int:
+def _write_rows(f, rec: serving.Recommender, dataset, cols, n: int, *, top_n: int,
+                exclude_rated: bool, batch_size: int) -> int:
   """Writes the header and the candidate rows of the first ``n`` queries; returns the rows."""
-  qcols = [c for c in QUERY_COLUMNS if c in cols]
-  w.writerow(["query_index"] + qcols + ["rated_movie_id", "user_rating", "rank", "movie_id",
-                                        "movie_title", "movie_genres", "retrieval_score",
-                                        "label"])
-  rows = 0
+  user_key, item_key = dataset.user_key, dataset.item_key
+  qcols = list(dict.fromkeys([user_key] + [c for c in rec.query_columns() if c in cols]))
+  weight = [dataset.weight_key] if dataset.weight_key in cols else []
+  writer, rows = None, 0
   for start in range(0, n, batch_size):
     stop = min(start + batch_size, n)
-    feats = {c: cols[c][start:stop] for c in qcols}
-    exclude = rec.rated(feats["user_id"]) if exclude_rated else None
+    feats = {c: _plain(cols[c], start, stop) for c in qcols}
+    exclude = rec.rated(feats[user_key]) if exclude_rated else None
     # The split's own interactions, as they are (a later test period lies past the training
-    # range of times by construction): no range check.
-    r = rec.recommend(feats, top_n, exclude_ids=exclude, check_range=False)
-    for i in range(stop - start):
-      qvals = [cols[c][start + i].item() for c in qcols]
-      true_id = int(cols["movie_id"][start + i])
-      rating = cols["user_rating"][start + i].item() if "user_rating" in cols else ""
-      for rank in range(top_n):
-        mid = int(r.movie_id[i, rank])
-        if mid < 0:
-          break
-        w.writerow([start + i] + qvals + [
-            true_id, rating, rank + 1, mid, r.movie_title[i, rank],
-            "|".join(r.genres[i][rank]), f"{float(r.score[i, rank]):.6g}",
-            int(mid == true_id)])
-        rows += 1
+    # range by construction): no range check.
+    r = rec.recommend({c: feats[c] for c in rec.query_columns() if c in feats}, top_n,
+                      exclude_ids=exclude, check_range=False)
+    q_R, j_R = np.nonzero(r.valid)  # every returned slot, query by query, best first
+    true_Q = _plain(cols[item_key], start, stop)
+    table = {"query_index": start + q_R}
+    table.update({c: feats[c][q_R] for c in qcols})
+    table[f"true_{item_key}"] = true_Q[q_R]
+    table.update({c: _plain(cols[c], start, stop)[q_R] for c in weight})
+    table["rank"] = j_R + 1
+    table[item_key] = r.item_id[q_R, j_R]
+    table.update({c: v[q_R, j_R] for c, v in r.columns.items() if c not in table})
+    table["retrieval_score"] = r.score[q_R, j_R]
+    table["label"] = (r.item_id[q_R, j_R] == true_Q[q_R]).astype(np.int8)
+    batch = pa.table({k: pa.array(v) for k, v in table.items()})
+    if writer is None:
+      writer = pacsv.CSVWriter(f, batch.schema)
+    writer.write_table(batch)
+    rows += len(q_R)
+  if writer is None:  # no query: the header alone
+    f.write(b"query_index\n")
+  else:
+    writer.close()
   return rows
+
+
+def _plain(values, start: int, stop: int) -> np.ndarray:
+  v = values[start:stop]
+  if isinstance(v, (pa.Array, pa.ChunkedArray)):
+    if pa.types.is_integer(v.type) or pa.types.is_floating(v.type):  # numbers with gaps
+      return pc.cast(v, pa.float64()).to_numpy(zero_copy_only=False)
+    return v.to_numpy(zero_copy_only=False).astype(str)
+  return np.asarray(v)
 
 
 def read_ranker_csv(path: pathlib.Path) -> dict[str, np.ndarray]:

@@ -13,10 +13,13 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+import pyarrow as pa
 
 from twotower_jax import arrays
 from twotower_jax import features as feat
+from twotower_jax import model as model_lib
 from twotower_jax import sharding
+from twotower_jax import spec as spec_lib
 from twotower_jax.data import dataset as dataset_lib
 from twotower_jax.data import sources
 
@@ -25,11 +28,14 @@ from twotower_jax.data import sources
 class Prepared:
   """A data set encoded for the model. Rows of ``*_q`` align with ``*_item``."""
 
+  specs: dict[str, dict[str, Any]]  # "query"/"candidate" -> feature name -> resolved spec
   encoders: feat.Encoders
+  query_features: tuple[model_lib.FeatureDef, ...]
+  candidate_features: tuple[model_lib.FeatureDef, ...]
   cand: dict[str, np.ndarray]  # encoded features of all N catalogue items
-  movie_ids_N: np.ndarray
+  item_ids_N: np.ndarray  # the item key of each catalogue row
   train_q: dict[str, np.ndarray]
-  train_item: np.ndarray  # catalogue index of each training example's movie
+  train_item: np.ndarray  # catalogue index of each training example's item
   train_user: np.ndarray  # user index (0..U-1) of each training example
   test_q: dict[str, np.ndarray]
   test_item: np.ndarray
@@ -41,46 +47,78 @@ class Prepared:
 
   @property
   def num_items(self) -> int:
-    return len(self.movie_ids_N)
+    return len(self.item_ids_N)
 
   def item_counts(self) -> np.ndarray:
     return np.bincount(self.train_item, minlength=self.num_items)
 
 
-def item_index(movie_ids_N: np.ndarray, movie_id: np.ndarray, what: str) -> np.ndarray:
-  """Catalogue positions of ``movie_id``; an id outside the catalogue is an error."""
-  rows = arrays.find_rows(movie_ids_N, movie_id)
+def item_index(item_ids_N, item_id, what: str) -> np.ndarray:
+  """Catalogue positions of ``item_id``; an id outside the catalogue is an error."""
+  rows = arrays.find_rows(item_ids_N, item_id)
   bad = rows < 0
   if bad.any():
+    first = item_id[int(np.flatnonzero(bad)[0])]
+    first = first.as_py() if hasattr(first, "as_py") else first
     raise dataset_lib.DataError(
-        f"{what}: movie id {movie_id[bad][0]} is not in the movie catalogue "
-        f"({int(bad.sum())} such rows). Use ratings and movies from the same data set.")
+        f"{what}: item {first!r} is not in the catalogue ({int(bad.sum())} such rows). Use "
+        "interactions and items from the same data set.")
   return rows.astype(np.int32)
+
+
+def user_index(train_users, test_users) -> tuple[np.ndarray, np.ndarray, int]:
+  """User index (0..U-1) of each training and test interaction, and U."""
+  if isinstance(train_users, np.ndarray) and isinstance(test_users, np.ndarray):
+    both = np.concatenate([train_users, test_users])
+    if both.dtype.kind in "iu" and both.size and 0 <= both.min() and (
+        both.max() < 4 * both.size + 1024):
+      # Small non-negative ids: the rank of each id among the distinct ones by counting,
+      # equal to searchsorted(unique(ids)) without the sort.
+      present = np.bincount(both) > 0
+      rank = np.cumsum(present) - 1
+      return (rank[train_users].astype(np.int32), rank[test_users].astype(np.int32),
+              int(present.sum()))
+    users = np.unique(both)
+    return (np.searchsorted(users, train_users).astype(np.int32),
+            np.searchsorted(users, test_users).astype(np.int32), len(users))
+  codes = dataset_lib.key_codes(pa.chunked_array([pa.array(train_users), pa.array(test_users)]))
+  n = len(train_users)
+  return (codes[:n].astype(np.int32), codes[n:].astype(np.int32),
+          int(codes.max()) + 1 if len(codes) else 0)
 
 
 def prepare(config: ml_collections.ConfigDict) -> Prepared:
   """Loads and splits the data, fits the encoders on the training split, encodes."""
   dataset = sources.load_dataset(config.data)
   train, test = sources.train_test(config.data, dataset, config.seed)
-  if config.features.time and config.data.split in ("seed", "random"):
+  specs = {t: spec_lib.check_specs(t, config.features[t]) for t in ("query", "candidate")}
+  feat.check_columns(specs, train, dataset.movies)
+  if (any(s.kind == "timestamp" for s in specs["query"].values())
+      and config.data.split in ("seed", "random")):
     logging.warning(
         "Time features with a random split (%s) let the model see the future of the test "
         "interactions; use data.split=temporal for a leak-free estimate.", config.data.split)
-  encoders = feat.fit_encoders(train, dataset.movies, config.features)
-  movie_ids = np.asarray(dataset.movies["movie_id"])
-  users = np.unique(np.concatenate([train["user_id"], test["user_id"]]))
+  item_ids = dataset.movies[dataset.item_key]
+  train_item = item_index(item_ids, train[dataset.item_key], "training interactions")
+  test_item = item_index(item_ids, test[dataset.item_key], "test interactions")
+  encoders = feat.fit_encoders(specs["query"], specs["candidate"], train, dataset.movies,
+                               train_item)
+  train_user, test_user, num_users = user_index(train[dataset.user_key],
+                                                test[dataset.user_key])
   return Prepared(
+      specs=specs,
       encoders=encoders,
-      cand=feat.encode_candidates(encoders, dataset.movies, config.features),
-      movie_ids_N=movie_ids,
-      train_q=feat.encode_queries(encoders, train),
-      train_item=item_index(movie_ids, train["movie_id"], "training ratings"),
-      train_user=np.searchsorted(users, train["user_id"]).astype(np.int32),
-      test_q=feat.encode_queries(encoders, test),
-      test_item=item_index(movie_ids, test["movie_id"], "test ratings"),
-      test_user=np.searchsorted(users, test["user_id"]).astype(np.int32),
-      num_users=len(users),
-      dataset=dataset, train=train, test=test)
+      query_features=model_lib.feature_defs(
+          specs["query"], feat.embedding_rows(specs["query"], encoders)),
+      candidate_features=model_lib.feature_defs(
+          specs["candidate"], feat.embedding_rows(specs["candidate"], encoders)),
+      cand=feat.encode_tower(specs["candidate"], encoders, dataset.movies, "items table"),
+      item_ids_N=np.asarray(item_ids) if isinstance(item_ids, np.ndarray) else item_ids,
+      train_q=feat.encode_tower(specs["query"], encoders, train, "interactions"),
+      train_item=train_item, train_user=train_user,
+      test_q=feat.encode_tower(specs["query"], encoders, test, "interactions"),
+      test_item=test_item, test_user=test_user,
+      num_users=num_users, dataset=dataset, train=train, test=test)
 
 
 def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int
@@ -116,5 +154,6 @@ def device_data(prep: Prepared, mesh, recency_half_life_days: float = 0.0) -> di
       "p_item": (counts / max(counts.sum(), 1.0)).astype(np.float32),
   }
   if recency_half_life_days:
-    data["train_weight"] = recency_weights(prep.train["timestamp"], recency_half_life_days)
+    data["train_weight"] = recency_weights(prep.train[prep.dataset.time_key],
+                                           recency_half_life_days)
   return sharding.to_devices(data, sharding.replicated(mesh))

@@ -3,7 +3,9 @@ r"""Command line: train and evaluate, recommend, export for a ranker, report.
   python -m twotower_jax.main --config configs/seed.py --workdir /tmp/seed
   python -m twotower_jax.main --mode=recommend --workdir /tmp/seed --user_id=42
   python -m twotower_jax.main --mode=recommend --workdir /tmp/seed \
-      --age=30 --gender=F --occupation=engineer --time=890000000
+      --query='{"raw_user_age": 30, "user_occupation_text": "engineer", ...}'
+  python -m twotower_jax.main --mode=recommend --workdir /tmp/seed \
+      --age=30 --gender=F --occupation=engineer --time=890000000   # MovieLens shortcuts
   python -m twotower_jax.main --mode=export_ranker --workdir /tmp/seed --top_n=50
   python -m twotower_jax.main --mode=report --report_dirs=/tmp/a,/tmp/b --workdir /tmp/report
 """
@@ -14,6 +16,8 @@ import json
 import pathlib
 import sys
 
+import numpy as np
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -23,22 +27,24 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, serving).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "recommend", "export_ranker", "report"],
                           "What to do.")
-_USER_ID = flags.DEFINE_integer(
-    "user_id", None, "recommend: a user's id. One without training ratings is served as a new "
-    "user from --age --gender --occupation --time.")
-_AGE = flags.DEFINE_float("age", None, "recommend: user age in years.")
-_GENDER = flags.DEFINE_enum("gender", None, ["M", "F"], "recommend: user gender.")
-_OCCUPATION = flags.DEFINE_string("occupation", None, "recommend: occupation, e.g. 'engineer'.")
-_TIME = flags.DEFINE_integer("time", None, "recommend: Unix timestamp of the query.")
+_USER_ID = flags.DEFINE_string(
+    "user_id", None, "recommend: a user's key. A known user starts from their own latest "
+    "query columns; one without training interactions is served as a new user from --query.")
+_QUERY = flags.DEFINE_string(
+    "query", None, "recommend: the query's columns as JSON, keyed by the spec's column names, "
+    "e.g. '{\"raw_user_age\": 30}'; they override a known user's own.")
+_AGE = flags.DEFINE_float("age", None, "recommend (MovieLens): the 'age' feature's column.")
+_GENDER = flags.DEFINE_enum("gender", None, ["M", "F"],
+                            "recommend (MovieLens): the 'gender' feature's column.")
+_OCCUPATION = flags.DEFINE_string("occupation", None,
+                                  "recommend (MovieLens): the 'occupation' feature's column.")
+_TIME = flags.DEFINE_integer("time", None, "recommend: the 'time' feature's column (Unix s).")
 _TOP_N = flags.DEFINE_integer("top_n", 10, "Number of recommendations (or exported candidates).",
                               lower_bound=1)
 _BOTTOM_N = flags.DEFINE_integer("bottom_n", 0, "recommend: also print the N lowest-scored.",
                                  lower_bound=0)
 _EXCLUDE_RATED = flags.DEFINE_boolean("exclude_rated", False,
-                                      "Exclude movies the user rated in training.")
-_ALLOW_UNKNOWN = flags.DEFINE_boolean(
-    "allow_unknown", False, "recommend: encode an unknown occupation as out-of-vocabulary "
-    "instead of stopping with an error.")
+                                      "Exclude the items the user interacted with in training.")
 _EXPORT_SPLIT = flags.DEFINE_enum("export_split", "test", ["train", "test"],
                                   "export_ranker: which split's interactions are the queries.")
 _EXPORT_PATH = flags.DEFINE_string("export_path", None,
@@ -106,9 +112,9 @@ def run(argv) -> None:
     report.print_summary(metrics)
     from twotower_jax import serving  # pylint: disable=g-import-not-at-top
     rec = serving.load(workdir / "serving")
-    some_user = int(rec.users["user_id"][0])
+    some_user = rec.users["user_key"][0].item()
     print(f"\nSample recommendations for user {some_user}:")
-    _print_recs(rec, rec.user_features([some_user]), 5, exclude_rated=True, user=some_user)
+    _print_recs(rec, rec.query(some_user), 5, exclude_rated=True, user=some_user)
     return
   if mode == "recommend":
     _recommend(workdir)
@@ -130,16 +136,50 @@ def run(argv) -> None:
     return
 
 
+def _query_values(rec) -> dict:
+  """--query (JSON) plus the MovieLens shortcuts, keyed by the columns they set."""
+  values = {}
+  if _QUERY.value:
+    try:
+      values = json.loads(_QUERY.value)
+    except json.JSONDecodeError as e:
+      raise UsageError(f"--query is not valid JSON ({e}); pass an object keyed by column, "
+                       "e.g. --query='{\"raw_user_age\": 30}'.") from e
+    if not isinstance(values, dict):
+      raise UsageError("--query must be a JSON object keyed by column, e.g. "
+                       "--query='{\"raw_user_age\": 30}'.")
+  shortcuts = {"age": _AGE.value, "occupation": _OCCUPATION.value, "time": _TIME.value,
+               "gender": None if _GENDER.value is None else _GENDER.value == "M"}
+  for name, value in shortcuts.items():
+    if value is None:
+      continue
+    if name not in rec.specs:
+      raise UsageError(f"--{name} sets the query feature {name!r}, which this model does not "
+                       f"have (it has {sorted(rec.specs)}); pass --query with its columns "
+                       f"{rec.query_columns()}.")
+    values[rec.specs[name].column] = value
+  return values
+
+
+def _user_key(rec, user):
+  """--user_id in the type of the model's user keys (integers stay integers)."""
+  if user is None or rec.users["user_key"].dtype.kind == "U":
+    return user
+  try:
+    return int(user)
+  except ValueError as e:
+    raise UsageError(f"--user_id={user!r}: this model's user keys are integers.") from e
+
+
 def _recommend(workdir: pathlib.Path) -> None:
   import logging as std_logging  # pylint: disable=g-import-not-at-top
   from twotower_jax import serving  # pylint: disable=g-import-not-at-top
   # serving's info lines (e.g. "served as a new user") show without --verbosity.
   std_logging.getLogger(serving.__name__).setLevel(std_logging.INFO)
   rec = serving.load(workdir)
-  feats = rec.query(user_id=_USER_ID.value, age=_AGE.value, gender=_GENDER.value,
-                    occupation=_OCCUPATION.value, time=_TIME.value,
-                    allow_unknown=_ALLOW_UNKNOWN.value)
-  _print_recs(rec, feats, _TOP_N.value, exclude_rated=_EXCLUDE_RATED.value, user=_USER_ID.value,
+  user = _user_key(rec, _USER_ID.value)
+  feats = rec.query(user, _query_values(rec))
+  _print_recs(rec, feats, _TOP_N.value, exclude_rated=_EXCLUDE_RATED.value, user=user,
               bottom_n=_BOTTOM_N.value)
 
 
@@ -150,11 +190,11 @@ def _print_recs(rec, feats, top_n: int, *, exclude_rated: bool, user, bottom_n: 
       continue
     r = rec.recommend(feats, n, exclude_ids=exclude, lowest=lowest)
     print(f"{label} {n}:")
-    for rank, (mid, title, genres, score) in enumerate(
-        zip(r.movie_id[0], r.movie_title[0], r.genres[0], r.score[0]), start=1):
-      if mid < 0:
-        break
-      print(f"  {rank:3d}. {score:8.3f}  {title}  [{', '.join(genres)}]")
+    extra = [c for c in r.columns if c != r.title_column and r.columns[c].dtype.kind == "U"]
+    for j in np.flatnonzero(r.valid[0]):
+      tags = ", ".join(t for c in extra for t in str(r.columns[c][0, j]).split("|") if t)
+      print(f"  {j + 1:3d}. {r.score[0, j]:8.3f}  {r.title[0, j]}" + (f"  [{tags}]" if tags
+                                                                        else ""))
 
 
 def main() -> None:
@@ -169,13 +209,27 @@ def main() -> None:
     import ml_collections  # pylint: disable=g-import-not-at-top
     from twotower_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 
+    def reference():
+      """The config file given with --config (its feature names), else base_config()."""
+      for i, arg in enumerate(argv[1:], start=1):
+        m = re.fullmatch(r"--?config(?:=(.+))?", arg)
+        value = m and (m[1] or (argv[i + 1] if i + 1 < len(argv) else None))
+        if value:
+          path, _, variant = value.partition(":")
+          try:
+            return config_lib.load_config_file(path, variant or None)
+          except Exception:  # noqa: BLE001 - absl reports a broken config file itself
+            break
+      return config_lib.base_config()
+
     def unknown_key():
-      """The first --config.KEY in argv that base_config() lacks, as a message; or None."""
+      """The first --config.KEY in argv that the config lacks, as a message; or None."""
+      ref = reference()
       for arg in argv[1:]:
         m = re.match(r"--?(?:no)?config\.([^=]+)", arg)
         if not m:
           continue
-        parts, node = m[1].split("."), config_lib.base_config()
+        parts, node = m[1].split("."), ref
         for i, part in enumerate(parts):
           name, parent = ".".join(parts[:i + 1]), ".".join(parts[:i])
           if not isinstance(node, ml_collections.ConfigDict):

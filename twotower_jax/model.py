@@ -8,7 +8,7 @@ it reproduces.
 from __future__ import annotations
 
 import functools
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -17,7 +17,7 @@ import numpy as np
 
 from twotower_jax import arrays
 from twotower_jax import sparse
-from twotower_jax.features import PAD
+from twotower_jax.features import PAD, VALUE_SUFFIX
 
 _embed_init = nn.initializers.uniform(scale=0.1)  # shifted below to (-0.05, 0.05)
 
@@ -68,74 +68,51 @@ def _embed(name: str, size: int, dim: int, idx: jax.Array) -> jax.Array:
   return Embed(size, dim, name=name)(idx)
 
 
-def _bag(name: str, size: int, dim: int, idx_BxL: jax.Array) -> jax.Array:
-  """Mean of the embeddings of the non-padding entries of each row (zeros if none)."""
+def _bag(name: str, size: int, dim: int, idx_BxL: jax.Array, pooling: str = "mean"
+         ) -> jax.Array:
+  """Mean (or sum) of the embeddings of the non-padding entries of each row (zeros if none)."""
   valid_BxL = idx_BxL != PAD
   e_BxLxE = _embed(name, size, dim, jnp.where(valid_BxL, idx_BxL, 0))
-  n_B = jnp.maximum(valid_BxL.sum(-1, keepdims=True), 1)
-  return (e_BxLxE * valid_BxL[..., None]).sum(1) / n_B
+  summed_BxE = (e_BxLxE * valid_BxL[..., None]).sum(1)
+  if pooling == "sum":
+    return summed_BxE
+  return summed_BxE / jnp.maximum(valid_BxL.sum(-1, keepdims=True), 1)
 
 
-class QueryTower(nn.Module):
-  """User age, gender, occupation, time (bucket embedding + value), optional user id."""
+# (feature name, kind, embedding rows (0: the value enters as is), dim, pooling): everything
+# a tower needs to know of one feature. Tuples keep the module hashable.
+FeatureDef = tuple[str, str, int, int, str]
 
-  vocab_sizes: tuple[tuple[str, int], ...]  # (feature, rows); a tuple keeps it hashable
+
+def feature_defs(specs: Mapping[str, Any], rows: Mapping[str, int]) -> tuple[FeatureDef, ...]:
+  """The tower's features, in declaration order, from their specs and embedding rows."""
+  return tuple((name, s["kind"], int(rows[name]), int(s["dim"]), str(s.get("pooling", "mean")))
+               for name, s in specs.items())
+
+
+class Tower(nn.Module):
+  """Every feature encoded (an embedding, a pooled bag, or the value), concatenated, an MLP."""
+
+  features: tuple[FeatureDef, ...]
   mlp: Sequence[int]
-  user_dim: int = 32
-  gender_dim: int = 2
-  occupation_dim: int = 8
-  time_dim: int = 32
   l2_normalize: bool = False
 
   @nn.compact
   def __call__(self, x: Mapping[str, jax.Array]) -> jax.Array:
-    s = dict(self.vocab_sizes)
     parts = []
-    if "user_id" in x:
-      parts.append(_embed("user_id", s["user_id"], self.user_dim, x["user_id"]))
-    if "age" in x:
-      parts.append(x["age"][:, None])
-    if "gender" in x:
-      parts.append(_embed("gender", s["gender"], self.gender_dim, x["gender"]))
-    if "occupation" in x:
-      parts.append(_embed("occupation", s["occupation"], self.occupation_dim, x["occupation"]))
-    if "time" in x:
-      parts.append(_embed("time_bucket", s["time_bucket"], self.time_dim, x["time_bucket"]))
-      parts.append(x["time"][:, None])
+    for name, kind, rows, dim, pooling in self.features:
+      if kind in ("multi_hot", "text"):
+        parts.append(_bag(name, rows, dim, x[name], pooling))
+      elif rows:  # a vocabulary, a bucketized number, a timestamp's bucket
+        parts.append(_embed(name, rows, dim, x[name]))
+      else:
+        parts.append(x[name][:, None])
+      if kind == "timestamp":
+        parts.append(x[name + VALUE_SUFFIX][:, None])
     if not parts:
-      raise ValueError("The query tower has no input feature: enable one under config.features.")
-    q_BxD = MLP(self.mlp, name="mlp")(jnp.concatenate(parts, axis=-1))
-    return _maybe_normalize(q_BxD, self.l2_normalize)
-
-
-class CandidateTower(nn.Module):
-  """Movie title, genres (first or bag of all), title words (mean-pooled), release year."""
-
-  vocab_sizes: tuple[tuple[str, int], ...]  # (feature, rows); a tuple keeps it hashable
-  mlp: Sequence[int]
-  title_dim: int = 32
-  genre_dim: int = 32
-  word_dim: int = 32
-  year_dim: int = 8
-  l2_normalize: bool = False
-
-  @nn.compact
-  def __call__(self, x: Mapping[str, jax.Array]) -> jax.Array:
-    s = dict(self.vocab_sizes)
-    parts = []
-    if "title" in x:
-      parts.append(_embed("title", s["title"], self.title_dim, x["title"]))
-    if "genres" in x:
-      parts.append(_bag("genres", s["genres"], self.genre_dim, x["genres"]))
-    if "title_words" in x:
-      parts.append(_bag("title_words", s["title_words"], self.word_dim, x["title_words"]))
-    if "release_year" in x:
-      parts.append(_embed("release_year", s["release_year"], self.year_dim, x["release_year"]))
-    if not parts:
-      raise ValueError(
-          "The candidate tower has no input feature: enable one under config.features.")
-    c_BxD = MLP(self.mlp, name="mlp")(jnp.concatenate(parts, axis=-1))
-    return _maybe_normalize(c_BxD, self.l2_normalize)
+      raise ValueError("A tower has no input feature: declare one under config.features.")
+    h_BxD = MLP(self.mlp, name="mlp")(jnp.concatenate(parts, axis=-1))
+    return _maybe_normalize(h_BxD, self.l2_normalize)
 
 
 def _maybe_normalize(x_BxD: jax.Array, on: bool) -> jax.Array:
@@ -147,8 +124,8 @@ def _maybe_normalize(x_BxD: jax.Array, on: bool) -> jax.Array:
 class TwoTower(nn.Module):
   """Both towers plus an optional learned temperature, under params 'query'/'candidate'."""
 
-  query: QueryTower
-  candidate: CandidateTower
+  query: Tower
+  candidate: Tower
   learn_temperature: bool = False
   init_temperature: float = 1.0
 
@@ -171,29 +148,33 @@ class TwoTower(nn.Module):
       return jnp.asarray(self.init_temperature, jnp.float32)
     return jnp.exp(self.log_temperature)
 
+  def sparse_tables(self) -> tuple[sparse.Table, ...]:
+    """The tables of ``id`` features: large, so they can be updated sparsely and sharded."""
+    return (tuple(("query", f[0], ("xq",)) for f in self.query.features if f[1] == "id")
+            + tuple(("candidate", f[0], ("xc", "extra_xc")) for f in self.candidate.features
+                    if f[1] == "id"))
 
-def create_model(model_cfg, sizes: Mapping[str, int]) -> TwoTower:
-  """The two towers from ``config.model`` and the encoders' vocabulary sizes.
 
-  The user-id and title tables are padded with unused rows up to a multiple of
+def create_model(model_cfg, query: tuple[FeatureDef, ...], candidate: tuple[FeatureDef, ...]
+                 ) -> TwoTower:
+  """The two towers from ``config.model`` and each tower's features (``feature_defs``).
+
+  The tables of ``id`` features are padded with unused rows up to a multiple of
   ``model.table_rows_multiple`` (so that they split evenly over devices).
   """
   m = model_cfg
   mult = m.table_rows_multiple
   if mult < 1:
     raise ValueError(f"model.table_rows_multiple={mult}: use a positive int (1: no padding).")
-  sizes = dict(sizes)
-  for _, name, _, _ in sparse.TABLES:
-    if name in sizes:
-      sizes[name] = -(-sizes[name] // mult) * mult
-  sizes = tuple(sorted(sizes.items()))
+
+  def padded(defs):
+    return tuple((n, k, -(-rows // mult) * mult if k == "id" else rows, d, p)
+                 for n, k, rows, d, p in defs)
+
   return TwoTower(
-      query=QueryTower(
-          vocab_sizes=sizes, mlp=tuple(m.mlp), user_dim=m.user_dim, gender_dim=m.gender_dim,
-          occupation_dim=m.occupation_dim, time_dim=m.time_dim, l2_normalize=m.l2_normalize),
-      candidate=CandidateTower(
-          vocab_sizes=sizes, mlp=tuple(m.mlp), title_dim=m.title_dim, genre_dim=m.genre_dim,
-          word_dim=m.word_dim, year_dim=m.year_dim, l2_normalize=m.l2_normalize),
+      query=Tower(features=padded(query), mlp=tuple(m.mlp), l2_normalize=m.l2_normalize),
+      candidate=Tower(features=padded(candidate), mlp=tuple(m.mlp),
+                      l2_normalize=m.l2_normalize),
       learn_temperature=m.learn_temperature,
       init_temperature=m.temperature,
   )

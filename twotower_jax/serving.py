@@ -2,14 +2,16 @@
 
 Layout of ``<workdir>/serving``::
 
-  serving.json        format version, query-tower settings, feature settings
+  serving.json        format version, the feature spec, the query tower, the key columns
   encoders.json/.npz  the fitted feature encoders (plain data)
   query_params.npz    the query tower's parameters, keys joined with '/'
-  candidates.npz      embeddings [N, D], movie ids, titles, genre ids
-  users.npz           per known user: raw features, latest timestamp, rated movies (CSR)
+  candidates.npz      embeddings [N, D] and the item key of each row
+  items.npz           the items table's display columns (title, genres, price, ...)
+  users.npz           per known user: the query columns of their latest training
+                      interaction, and the catalogue rows they interacted with (CSR)
 
-``load(path)`` reads it back with numpy alone (plus JAX for the query tower)
-and gives a :class:`Recommender`.
+``load(path)`` reads it back with numpy alone (plus JAX for the query tower) and gives a
+:class:`Recommender`. Queries are dicts keyed by the spec's column names.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from typing import Any, Mapping, Sequence
 
 import flax
 import jax
+import ml_collections
 import numpy as np
+import pyarrow as pa
 
 from twotower_jax import arrays
 from twotower_jax import config as config_lib
@@ -33,20 +37,19 @@ from twotower_jax import features as feat
 from twotower_jax import index as index_lib
 from twotower_jax import model as model_lib
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _FILES = ("serving.json", "encoders.json", "encoders.npz", "query_params.npz", "candidates.npz",
-          "users.npz")
+          "items.npz", "users.npz")
+_CSR = ("rated_indptr", "rated_rows")
 _log = logging.getLogger(__name__)
-
-# Each raw query column, the command-line flag that sets it (named in error messages) and
-# the normalizer whose training range bounds it.
-QUERY_FLAGS = {"user_id": "--user_id", "raw_user_age": "--age", "user_gender": "--gender",
-               "user_occupation_text": "--occupation", "timestamp": "--time"}
-_RANGE_ENCODER = {"raw_user_age": "age", "timestamp": "time"}
 
 
 class ServingError(ValueError):
   """A serving directory or a query is unusable; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------
+# Writing.
 
 
 def save(path: pathlib.Path, config, prep, model: model_lib.TwoTower, params) -> None:
@@ -54,260 +57,282 @@ def save(path: pathlib.Path, config, prep, model: model_lib.TwoTower, params) ->
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
   feat.save_encoders(prep.encoders, path)
-  q = model.query
+  ds = prep.dataset
   meta = {
       "format_version": FORMAT_VERSION,
       "config_name": config.name,
-      "query_tower": {"vocab_sizes": dict(q.vocab_sizes), "mlp": list(q.mlp),
-                      "user_dim": q.user_dim, "gender_dim": q.gender_dim,
-                      "occupation_dim": q.occupation_dim, "time_dim": q.time_dim,
-                      "l2_normalize": q.l2_normalize},
-      "features": config.features.to_dict(),
-      "genre_names": list(prep.dataset.genre_names),
+      "features": {t: {n: s.to_dict() for n, s in specs.items()}
+                   for t, specs in prep.specs.items()},
+      "query_tower": {"features": [list(f) for f in model.query.features],
+                      "mlp": list(model.query.mlp), "l2_normalize": model.query.l2_normalize},
+      "keys": {"user": ds.user_key, "item": ds.item_key, "time": ds.time_key},
+      "title_column": _title_column(config, ds),
   }
   (path / "serving.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
   flat = flax.traverse_util.flatten_dict(jax.device_get(params["query"]), sep="/")
   np.savez(path / "query_params.npz", **{k: np.asarray(v) for k, v in flat.items()})
   c_NxD = model_lib.embed_in_batches(model_lib.embed_candidates, params, prep.cand,
                                      config.eval.batch_size, model=model)
-  movies = prep.dataset.movies
   np.savez(path / "candidates.npz", embeddings=c_NxD.astype(np.float32),
-           movie_id=np.asarray(movies["movie_id"], np.int64),
-           movie_title=np.asarray(movies["movie_title"]).astype(str),
-           movie_genres=np.asarray(movies["movie_genres"], np.int32))
-  np.savez(path / "users.npz", **_user_table(prep.train))
+           item_id=_plain(prep.item_ids_N))
+  np.savez(path / "items.npz", **display_columns(ds))
+  np.savez(path / "users.npz", **_user_table(prep))
 
 
-def _user_table(train: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """Per user: features from their latest training rating, and all rated movies (CSR)."""
-  order = np.lexsort((train["timestamp"], train["user_id"]))
-  uid = np.asarray(train["user_id"])[order]
-  users, first, counts = np.unique(uid, return_index=True, return_counts=True)
+def _plain(values) -> np.ndarray:
+  """A column as a numpy array that npz stores without pickling (strings as str)."""
+  if isinstance(values, (pa.Array, pa.ChunkedArray)):
+    values = values.to_numpy(zero_copy_only=False)
+  values = np.asarray(values)
+  return values.astype(str) if values.dtype == object else values
+
+
+def _title_column(config, ds) -> str:
+  """``serve.title_column``, else the first text column of the items table."""
+  if config.serve.get("title_column"):
+    return config.serve.title_column
+  for name, values in ds.movies.items():
+    if name != ds.item_key and _plain(values[:1]).dtype.kind == "U":
+      return name
+  return ""
+
+
+def display_columns(ds) -> dict[str, np.ndarray]:
+  """The items table's columns for people: 1-D ones as they are, [N, L] id lists with names
+  (MovieLens genres) joined by '|'."""
+  out = {}
+  for name, values in ds.movies.items():
+    if name == ds.item_key:
+      continue
+    arr = _plain(values)
+    if arr.ndim == 2 and ds.genre_names and arr.dtype.kind in "iu":
+      names = np.asarray(list(ds.genre_names) + [""])
+      arr = np.array(["|".join(names[row[row >= 0]]) for row in arr])  # once per item
+    if arr.ndim == 1:
+      out[name] = arr
+  return out
+
+
+def _user_table(prep) -> dict[str, np.ndarray]:
+  """Per user: the query columns of their latest training interaction, and the catalogue rows
+  of all their training interactions (CSR)."""
+  ds, train = prep.dataset, prep.train
+  time = np.asarray(train[ds.time_key]) if ds.time_key else np.arange(len(prep.train_user))
+  order = np.lexsort((time, prep.train_user))
+  users, first, counts = np.unique(prep.train_user[order], return_index=True,
+                                   return_counts=True)
   last = order[first + counts - 1]
-  table = {"user_id": users.astype(np.int64),
+  table = {"user_key": _plain(feat.take(train[ds.user_key], last)),
            "rated_indptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-           "rated_movie_id": np.asarray(train["movie_id"], np.int64)[order]}
-  for col in feat.QUERY_COLUMNS.values():
-    if col != "user_id" and col in train:
-      table[col] = np.asarray(train[col])[last]
+           "rated_rows": prep.train_item[order].astype(np.int64)}
+  for s in prep.specs["query"].values():
+    if s.column != ds.user_key and s.column in train:
+      table[f"col:{s.column}"] = _plain(feat.take(train[s.column], last))
   return table
+
+
+# ----------------------------------------------------------------------------
+# Answers.
 
 
 @dataclasses.dataclass(frozen=True)
 class Recommendations:
-  """Top-N per query: ids, titles, genre names and scores, each [Q, N].
+  """Top-k per query: the item keys, their scores and display columns, each [Q, k].
 
-  The arrays keep the fixed shape [Q, N] even when fewer than N candidates are available
-  (N above the catalogue size, or after ``exclude_ids``): the missing slots come last, with
-  ``movie_id`` -1, ``score`` -inf, an empty ``movie_title`` and no genres.
+  The arrays keep the fixed shape [Q, k] even when fewer than k candidates are available
+  (k above the catalogue size, or after exclusions): the missing slots come last, with
+  ``valid`` False, ``score`` -inf, ``item_id`` -1 (or '' for string keys) and empty columns.
   """
 
-  movie_id: np.ndarray
-  movie_title: np.ndarray
-  genres: list[list[str]]
+  item_id: np.ndarray
   score: np.ndarray
+  valid: np.ndarray
+  columns: dict[str, np.ndarray]
+  title_column: str = ""
+
+  @property
+  def title(self) -> np.ndarray:
+    """The title column ([Q, k]); the item keys as text when the items have none."""
+    if self.title_column in self.columns:
+      return self.columns[self.title_column]
+    return np.where(self.valid, self.item_id.astype(str), "")
+
+  def rows(self, q: int = 0) -> list[dict[str, Any]]:
+    """Query ``q``'s results as plain dicts (item id, score, display columns)."""
+    out = []
+    for j in np.flatnonzero(self.valid[q]):
+      row = {"item_id": self.item_id[q, j].item(), "score": float(self.score[q, j])}
+      row.update({k: v[q, j].item() for k, v in self.columns.items()})
+      out.append(row)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
 class Recommender:
-  """A loaded serving directory: encodes raw query features, scores with the exact index."""
+  """A loaded serving directory: checks and encodes raw query columns, scores exactly."""
 
   meta: dict[str, Any]
   encoders: feat.Encoders
   query_params: Any
   index: index_lib.BruteForceIndex
-  genres_N: np.ndarray
+  item_ids_N: np.ndarray
+  items: dict[str, np.ndarray]
   users: dict[str, np.ndarray]
 
+  # -- the model and its inputs
+
+  @functools.cached_property
+  def specs(self) -> dict[str, ml_collections.ConfigDict]:
+    """The query tower's feature specs, by feature name."""
+    return {n: ml_collections.ConfigDict(s) for n, s in self.meta["features"]["query"].items()}
+
   @property
-  def tower(self) -> model_lib.QueryTower:
-    t = dict(self.meta["query_tower"])
-    t["mlp"] = tuple(t["mlp"])
-    t["vocab_sizes"] = tuple(sorted(t["vocab_sizes"].items()))
-    return model_lib.QueryTower(**t)
+  def tower(self) -> model_lib.Tower:
+    t = self.meta["query_tower"]
+    return model_lib.Tower(features=tuple(tuple(f) for f in t["features"]),
+                           mlp=tuple(t["mlp"]), l2_normalize=t["l2_normalize"])
+
+  @property
+  def user_key(self) -> str:
+    return self.meta["keys"]["user"]
+
+  def query_columns(self) -> list[str]:
+    """The raw columns a query needs (each once)."""
+    return list(dict.fromkeys(s.column for s in self.specs.values()))
+
+  def id_columns(self) -> list[str]:
+    """Columns of ``id`` features: a query may leave them out (a new user, say)."""
+    return [s.column for s in self.specs.values() if s.kind == "id"]
 
   def known_values(self, feature: str) -> list:
     return self.encoders[feature]["vocab"].tolist()
 
-  def user_features(self, user_ids: Sequence[int]) -> dict[str, np.ndarray]:
-    """Raw query features of known users (from their latest training rating)."""
-    user_ids = np.asarray(user_ids, np.int64)
-    pos = arrays.find_rows(self.users["user_id"], user_ids)
-    unknown = pos < 0
-    if unknown.any():
-      raise ServingError(
-          f"User id {int(user_ids[unknown][0])} has no training ratings, so its features are "
-          "unknown. Pass the features explicitly (--age --gender --occupation --time).")
-    return {k: v[pos] for k, v in self.users.items()
-            if k not in ("rated_indptr", "rated_movie_id")}
+  # -- known users
 
-  def rated(self, user_ids: Sequence[int]) -> list[np.ndarray]:
-    """Movie ids each user rated in training (an empty array for unknown users)."""
-    ptr = self.users["rated_indptr"]
-    rows = arrays.find_rows(self.users["user_id"], np.asarray(user_ids, np.int64))
-    return [self.users["rated_movie_id"][ptr[i]:ptr[i + 1]] if i >= 0
-            else np.zeros(0, np.int64) for i in rows]
+  def _user_rows(self, user_ids) -> np.ndarray:
+    keys = self.users["user_key"]
+    values = np.asarray(user_ids if not np.isscalar(user_ids) else [user_ids])
+    if keys.dtype.kind == "U":
+      values = values.astype(str)
+    elif values.dtype.kind not in "iu":
+      return np.full(len(values), -1, np.int64)
+    return arrays.find_rows(keys, values)
+
+  def is_known_user(self, user_id) -> bool:
+    """Whether ``user_id`` has training interactions (its features are stored)."""
+    return bool(self._user_rows([user_id])[0] >= 0)
+
+  def user_features(self, user_ids: Sequence[Any]) -> dict[str, np.ndarray]:
+    """The query columns of known users (from their latest training interaction)."""
+    rows = self._user_rows(user_ids)
+    if (rows < 0).any():
+      bad = np.asarray(user_ids)[rows < 0][0].item()
+      raise ServingError(f"User {bad!r} has no training interactions, so its features are "
+                         f"unknown. Pass them explicitly: {self.query_columns()}.")
+    out = {k[4:]: v[rows] for k, v in self.users.items() if k.startswith("col:")}
+    out[self.user_key] = self.users["user_key"][rows]
+    return out
+
+  def rated(self, user_ids: Sequence[Any]) -> list[np.ndarray]:
+    """The item keys each user interacted with in training (empty for unknown users)."""
+    ptr, rated = self.users["rated_indptr"], self.users["rated_rows"]
+    return [self.item_ids_N[rated[ptr[i]:ptr[i + 1]]] if i >= 0 else self.item_ids_N[:0]
+            for i in self._user_rows(user_ids)]
+
+  def query(self, user_id=None, values: Mapping[str, Any] | None = None) -> dict[str, list]:
+    """One query's raw columns: a known user's own (latest training interaction), with
+    ``values`` overriding them; for an unknown or absent user, ``values`` alone (a model
+    with a user-id feature then serves it through the out-of-vocabulary id)."""
+    values = {k: v for k, v in (values or {}).items() if v is not None}
+    if user_id is not None and self.is_known_user(user_id):
+      feats = {k: list(v) for k, v in self.user_features([user_id]).items()}
+      feats.update({k: [v] for k, v in values.items()})
+      return feats
+    needed = [c for c in self.query_columns() if c not in self.id_columns()]
+    missing = [c for c in needed if c not in values]
+    if missing:
+      who = "No user given" if user_id is None else (
+          f"User {user_id!r} has no training interactions")
+      raise ServingError(f"{who}: a query needs {needed}; missing {missing}.")
+    feats = {k: [v] for k, v in values.items()}
+    if user_id is not None and self.user_key in self.id_columns():
+      feats[self.user_key] = [user_id]
+    return feats
+
+  # -- scoring
 
   def embed(self, features: Mapping[str, Any], *, check_range: bool = False) -> np.ndarray:
-    """Query embeddings [Q, D] of raw feature columns (TFDS names).
+    """Query embeddings [Q, D] of raw query columns (one value per query in each).
 
-    Each column holds one value per query (a scalar is one query). ``user_gender`` is "M",
-    "F" or a boolean (True = M); an unknown occupation is encoded as out-of-vocabulary with
-    a warning. For a model with the user id as a feature, ``user_id`` may be left out or hold
-    ``None`` (a new user), and ids without training ratings are new users too: all are
-    served through the out-of-vocabulary id plus their other features. Bad columns (lengths,
-    types, non-finite numbers) raise :class:`ServingError` naming the column; with
-    ``check_range`` so do ages and times outside the range seen in training.
+    Columns of ``id`` features may be left out or hold None (a new user): such queries, and
+    unknown ids or categories, are served through the out-of-vocabulary index (one info
+    line). Bad columns (lengths, types, non-finite numbers) raise :class:`ServingError`
+    naming the column; with ``check_range``, so do numbers outside the training range.
     """
-    cols, new_user_Q = self._validated(features, check_range=check_range)
-    xq = feat.encode_queries(self.encoders, cols)
-    if "user_id" in xq:  # new users (and any id without a row) -> the OOV row
-      xq["user_id"] = np.where(new_user_Q | (xq["user_id"] < 0), feat.OOV,
-                               xq["user_id"]).astype(np.int32)
-    return np.asarray(_apply_query(self.tower, self.query_params, xq))
+    cols = self._validated(features, check_range)
+    xq = {}
+    for name, s in self.specs.items():
+      xq.update(feat.encode(name, s, self.encoders[name], cols[s.column]))
+    self._note_unknown(cols, xq)
+    return np.asarray(_query_fn(self.tower)(self.query_params, xq))
 
-  def _validated(self, features: Mapping[str, Any], *,
-                 check_range: bool) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The needed columns as clean 1-D arrays of one length, and the new-user mask [Q]."""
-    if not hasattr(features, "items"):  # a dict, or e.g. a pandas DataFrame
+  def _validated(self, features: Mapping[str, Any], check_range: bool) -> dict[str, Any]:
+    if not hasattr(features, "items"):
       raise ServingError(f"Query features must be a mapping of column name to values; got "
                          f"{type(features).__name__}.")
     cols = {str(k): _column(str(k), v) for k, v in features.items()}
     lengths = {k: len(v) for k, v in cols.items()}
     if len(set(lengths.values())) > 1:
-      values = list(lengths.values())
-      common = max(values, key=values.count)  # the length most columns have
+      common = max(lengths.values(), key=list(lengths.values()).count)
       odd = next(k for k, n in lengths.items() if n != common)
-      raise ServingError(
-          f"Query feature {odd!r} has {lengths[odd]} value{'s' * (lengths[odd] != 1)} but "
-          f"the other columns have {common}; every column needs one value per query. "
-          f"Lengths: {lengths}.")
-    needed = feat.query_columns(self.encoders)
-    missing = [c for c in needed if c not in cols and c != "user_id"]
+      raise ServingError(f"Query column {odd!r} has {lengths[odd]} value"
+                         f"{'s' * (lengths[odd] != 1)} but the others have "
+                         f"{common}; every column needs one value per query. Lengths: "
+                         f"{lengths}.")
+    needed, ids = self.query_columns(), self.id_columns()
+    missing = [c for c in needed if c not in cols and c not in ids]
     if missing:
-      raise ServingError(f"Query features missing: {missing}. This model needs {needed}"
-                         + (" (user_id may be left out for new users)." if "user_id" in needed
-                            else "."))
+      raise ServingError(f"Query columns missing: {missing}. This model needs {needed}"
+                         + (f" ({ids} may be left out: served as new)." if ids else "."))
     num_q = next(iter(lengths.values()), 0)
     if num_q == 0:
-      raise ServingError(f"Query features hold no queries; give each of {needed} one value "
-                         "per query.")
-    out: dict[str, np.ndarray] = {}
-    new_user_Q, note = np.zeros(num_q, bool), ""
-    for name in needed:
-      if name == "user_id":
-        out[name], new_user_Q, note = self._user_ids(cols.get(name), num_q)
-      elif name in _RANGE_ENCODER:
-        out[name] = _numbers(name, cols[name])
-        lo_hi = feat.value_range(self.encoders[_RANGE_ENCODER[name]])
-        if check_range and lo_hi is not None:
-          _check_range(name, out[name], *lo_hi)
-      elif name == "user_gender":
-        out[name] = _genders(cols[name])
-      else:
-        out[name] = _strings(name, cols[name])
-    if "user_occupation_text" in out:
-      occ = out["user_occupation_text"]
-      oov = feat.lookup(self.encoders["occupation"], occ) == feat.OOV
+      raise ServingError(f"The query holds no values; give each of {needed} one value per "
+                         "query.")
+    out = {}
+    for name, s in self.specs.items():
+      if s.column in out:
+        continue
+      col = cols.get(s.column)
+      if col is None:
+        col = np.full(num_q, None, object)
+      out[s.column] = _checked(s, self.encoders[name], col, check_range)
+    return out
+
+  def _note_unknown(self, cols: Mapping[str, Any], xq: Mapping[str, np.ndarray]) -> None:
+    """One info line per vocabulary feature with values served as out-of-vocabulary."""
+    for name, s in self.specs.items():
+      if s.kind not in ("id", "categorical") or self.encoders[name]["kind"] == "hash":
+        continue
+      oov = xq[name] == feat.OOV
       if oov.any():
-        logging.warning("Unknown occupation %r: encoded as out-of-vocabulary.", str(occ[oov][0]))
-    if note:
-      _log.info("%s", note)
-    return out, new_user_Q
-
-  def _user_ids(self, col: np.ndarray | None,
-                num_q: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """Integer user ids (0 for new users), the new-user mask (no id, or not in the vocab)
-    and a note saying which queries are served as new users ('' when none)."""
-    if col is None:
-      who = "the query is served as a new user" if num_q == 1 else (
-          f"all {num_q} queries are served as new users")
-      return np.zeros(num_q, np.int64), np.ones(num_q, bool), (
-          f"No user_id given: {who} through the out-of-vocabulary id plus the features given.")
-    if col.dtype.kind in "iu":
-      ids, none = col.astype(np.int64), np.zeros(num_q, bool)
-    else:
-      none = np.array([v is None for v in col], bool)
-      bad = [i for i, v in enumerate(col) if not none[i] and not _is_int(v)]
-      if bad:
-        raise ServingError(_bad_value("user_id", col, bad[0], "integer ids (None for a new "
-                                      "user)"))
-      ids = np.array([0 if v is None else int(v) for v in col], np.int64)
-    unknown = ~none & (feat.lookup(self.encoders["user_id"], ids) <= feat.OOV)
-    note = ""
-    if unknown.any():
-      more = int(unknown.sum()) - 1
-      note = (f"User id {int(ids[unknown][0])}{f' and {more} more' if more else ''} "
-              f"{'are' if more else 'is'} not in the id vocabulary (no training ratings): "
-              "served as new users through the out-of-vocabulary id plus the features given.")
-    return ids, none | unknown, note
-
-  def is_known_user(self, user_id: int) -> bool:
-    """Whether ``user_id`` has training ratings (its features are stored)."""
-    return bool(arrays.find_rows(self.users["user_id"], np.asarray([user_id], np.int64))[0] >= 0)
-
-  def query(self, *, user_id: int | None = None, age: float | None = None,
-            gender: str | None = None, occupation: str | None = None,
-            time: int | None = None, allow_unknown: bool = False) -> dict[str, list]:
-    """One query's raw features from a known user's id and/or explicit values.
-
-    A known ``user_id`` (one with training ratings) starts from that user's own features
-    (latest training rating); explicit values override them. Otherwise (no id, or an id
-    without training ratings) every other feature the model needs must be given, and a model
-    with the user id as a feature serves the query as a new user, through the
-    out-of-vocabulary id (said in one info line). ``gender`` is "M" or "F"; an unknown
-    ``occupation`` is an error naming the known ones unless ``allow_unknown`` (then it is
-    encoded as out-of-vocabulary). Values are checked when the query is embedded.
-    """
-    explicit = {"raw_user_age": age, "user_gender": gender,
-                "user_occupation_text": occupation, "timestamp": time}
-    if user_id is not None and not _is_int(user_id):
-      raise ServingError(f"user_id must be an integer id; got {user_id!r}.")
-    if user_id is not None and self.is_known_user(user_id):
-      feats = {k: list(v) for k, v in self.user_features([user_id]).items()}
-      feats["user_id"] = [user_id]
-      for k, v in explicit.items():  # explicit values override the user's own
-        if v is not None:
-          feats[k] = [v]
-    else:
-      needed = feat.query_columns(self.encoders)
-      flags = [QUERY_FLAGS[c] for c in needed if c != "user_id"]
-      missing = [QUERY_FLAGS[c] for c in needed if c in explicit and explicit[c] is None]
-      if missing and user_id is None:
-        raise ServingError(f"recommend needs --user_id or all of {' '.join(flags)}; missing "
-                           f"{' '.join(missing)}.")
-      if missing:
-        raise ServingError(
-            f"User id {user_id} has no training ratings, so its features are unknown: pass "
-            f"them to recommend for it as a new user; missing {' '.join(missing)}.")
-      feats = {k: [v] for k, v in explicit.items() if v is not None}
-      if "user_id" in self.encoders:
-        feats["user_id"] = [None]  # a new user: the out-of-vocabulary id
-        who = "No --user_id" if user_id is None else (
-            f"User id {user_id} has no training ratings")
-        _log.info("%s: recommending for a new user through the out-of-vocabulary id plus the "
-                  "features given.", who)
-      elif user_id is not None:
-        _log.info("User id %d has no training ratings: recommending from the features given.",
-                  user_id)
-    occ = feats.get("user_occupation_text")
-    if occ is not None and "occupation" in self.encoders and not allow_unknown:
-      known = [str(v) for v in self.known_values("occupation")]
-      if str(occ[0]) not in known:
-        raise ServingError(
-            f"Unknown occupation {occ[0]!r}.{config_lib.suggest(str(occ[0]), known)} Known: "
-            f"{', '.join(sorted(known))}. Pass --allow_unknown to score it as "
-            "out-of-vocabulary.")
-    return feats
+        value = _scalar(cols[s.column][int(np.flatnonzero(oov)[0])])
+        hint = ""
+        if isinstance(value, str):
+          hint = config_lib.suggest(value, [str(v) for v in self.known_values(name)])
+        missing = value is None or value == "" or (_is_int(value) and value == feat.PAD)
+        what = "No value" if missing else f"Unknown value {value!r}"
+        _log.info("%s for %s (column %r) in %d of %d queries: served through the "
+                  "out-of-vocabulary index.%s", what, name, s.column, int(oov.sum()),
+                  len(oov), hint)
 
   def recommend(self, features: Mapping[str, Any], k: int = 10, *,
-                exclude_ids: Sequence[np.ndarray] | None = None,
-                lowest: bool = False, check_range: bool = True) -> Recommendations:
-    """The k best (or, with ``lowest``, the k worst) candidates for each query.
+                exclude_ids: Sequence[Any] | None = None, lowest: bool = False,
+                check_range: bool = True) -> Recommendations:
+    """The k best (or, with ``lowest``, the k worst) items for each query.
 
-    ``features`` as for :meth:`embed`; ``check_range`` (the default) rejects ages and times
-    outside the range seen in training (pass False to score data as-is, e.g. a later test
-    period). Fewer than k available candidates leave padding slots (see
+    ``features`` as for :meth:`embed`; ``exclude_ids``: per query, item keys not to return.
+    ``check_range`` (the default) rejects numbers outside the range seen in training (pass
+    False to score data as it is). Fewer than k available items leave padding slots (see
     :class:`Recommendations`).
     """
     if not _is_int(k) or int(k) < 1:
@@ -316,17 +341,31 @@ class Recommender:
     q_QxD = self.embed(features, check_range=check_range)
     if lowest:
       q_QxD = -q_QxD
-    scores, ids = self.index.search(q_QxD, int(k), exclude=exclude_ids)
-    scores, ids = np.asarray(scores), np.asarray(ids)
+    exclude = None
+    if exclude_ids is not None:
+      if len(exclude_ids) != len(q_QxD):
+        raise ServingError(f"exclude_ids has {len(exclude_ids)} lists for {len(q_QxD)} "
+                           "queries; pass one list of item keys per query.")
+      exclude = [arrays.find_rows(self.item_ids_N, np.asarray(e).reshape(-1))
+                 if len(e) else np.zeros(0, np.int64) for e in exclude_ids]
+    scores, rows = self.index.search(q_QxD, int(k), exclude=exclude)
+    scores, rows = np.asarray(scores), np.asarray(rows)
+    valid = rows >= 0
     if lowest:
-      scores = np.where(ids >= 0, -scores, -np.inf).astype(scores.dtype)
-    valid = ids >= 0
-    pos = np.where(valid, self.index.rows(ids), 0)
-    names = np.asarray(self.meta["genre_names"] + [""])
-    genres = [[[str(names[g]) for g in self.genres_N[p] if g >= 0] if ok else []
-               for p, ok in zip(row, ok_row)] for row, ok_row in zip(pos, valid)]
-    titles = np.where(valid, np.asarray(self.index.titles_N)[pos], "")
-    return Recommendations(movie_id=ids, movie_title=titles, genres=genres, score=scores)
+      scores = np.where(valid, -scores, -np.inf).astype(scores.dtype)
+    safe = np.maximum(rows, 0)
+    ids = self.item_ids_N[safe]
+    ids = np.where(valid, ids, "" if ids.dtype.kind == "U" else -1)
+    columns = {}
+    for name, col in self.items.items():
+      v = col[safe]
+      columns[name] = np.where(valid, v, "" if v.dtype.kind == "U" else np.nan)
+    return Recommendations(item_id=ids, score=scores, valid=valid, columns=columns,
+                           title_column=self.meta.get("title_column", ""))
+
+
+# ----------------------------------------------------------------------------
+# Checking one raw column.
 
 
 def _is_int(v: Any) -> bool:
@@ -344,48 +383,99 @@ def _column(name: str, value: Any) -> np.ndarray:
   else:
     items = list(value)
     if any(np.ndim(v) != 0 for v in items):
-      raise ServingError(f"Query feature {name!r} must hold one value per query; got nested "
+      raise ServingError(f"Query column {name!r} must hold one value per query; got nested "
                          "values.")
     arr = np.empty(len(items), object)
     arr[:] = items
   if arr.ndim == 0:
     arr = arr.reshape(1)
   if arr.ndim != 1:
-    raise ServingError(f"Query feature {name!r} must hold one value per query (1-D); got "
+    raise ServingError(f"Query column {name!r} must hold one value per query (1-D); got "
                        f"shape {arr.shape}.")
   return arr
 
 
-def _label(name: str) -> str:
-  flag = QUERY_FLAGS.get(name)
-  return f"{name!r} ({flag})" if flag else repr(name)
+def _scalar(v: Any) -> Any:
+  """A numpy scalar as the Python value (so messages show 'x', not np.str_('x'))."""
+  return v.item() if isinstance(v, np.generic) else v
 
 
-def _bad_value(name: str, col: np.ndarray, row: int, expected: str) -> str:
-  return (f"Query feature {_label(name)} must be {expected}; got {col[row]!r} "
-          f"(row {row}, {type(col[row]).__name__}).")
+def _bad(column: str, col: np.ndarray, row: int, expected: str) -> ServingError:
+  v = _scalar(col[row])
+  return ServingError(f"Query column {column!r} must be {expected}; got {v!r} "
+                      f"(row {row}, {type(v).__name__}).")
 
 
 def _fmt(x: float) -> str:
   return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
 
 
-def _numbers(name: str, col: np.ndarray) -> np.ndarray:
+def _checked(s, enc: Mapping[str, Any], col: np.ndarray, check_range: bool):
+  """The column as the encoder takes it, or a ServingError naming what is expected."""
+  if s.kind in ("numeric", "timestamp"):
+    values = _numbers(s.column, col)
+    lo_hi = feat.value_range(enc)
+    if s.kind == "numeric" and check_range and lo_hi is not None:
+      bad = np.flatnonzero((values < lo_hi[0]) | (values > lo_hi[1]))
+      if bad.size:
+        raise ServingError(
+            f"Query column {s.column!r} is {_fmt(values[bad[0]])} (row {int(bad[0])}), "
+            f"outside the range seen in training: {_fmt(lo_hi[0])} to {_fmt(lo_hi[1])}. "
+            "Pass a value in that range.")
+    return values
+  if s.kind in ("multi_hot", "text"):
+    if col.dtype.kind == "U":
+      return col
+    bad = [i for i, v in enumerate(col) if v is not None and not isinstance(v, str)]
+    if bad:
+      raise _bad(s.column, col, bad[0], "text (several values joined by "
+                 f"{s.get('sep', '|')!r})" if s.kind == "multi_hot" else "text")
+    return np.array(["" if v is None else v for v in col])
+  return _keys(s.column, enc, col)
+
+
+def _keys(column: str, enc: Mapping[str, Any], col: np.ndarray) -> np.ndarray:
+  """A vocabulary column in the vocabulary's type; None becomes the missing value."""
+  kind = enc["vocab"].dtype.kind if enc["kind"] == "vocab" else (
+      "U" if col.dtype.kind in "UO" and any(isinstance(v, str) for v in col) else "i")
+  if kind == "U":
+    bad = [i for i, v in enumerate(col) if v is not None and not isinstance(v, (str, int,
+                                                                              np.integer))]
+    if bad:
+      raise _bad(column, col, bad[0], "text")
+    return np.array(["" if v is None else str(v) for v in col])
+  if col.dtype.kind in "iub":
+    return col.astype(np.int64)
+  out = np.full(len(col), feat.PAD, np.int64)
+  for i, v in enumerate(col):
+    if v is None:
+      continue
+    if isinstance(v, (bool, np.bool_)) or _is_int(v):
+      out[i] = int(v)
+    elif isinstance(v, str) and v.strip().lower() in ("true", "false"):
+      out[i] = int(v.strip().lower() == "true")
+    elif isinstance(v, str) and v.strip().lstrip("-").isdigit():
+      out[i] = int(v)
+    else:
+      raise _bad(column, col, i, "an integer (or a boolean), or None when unknown")
+  return out
+
+
+def _numbers(column: str, col: np.ndarray) -> np.ndarray:
   """A numeric column as float64; only finite real numbers (no bools, strings or None)."""
-  expected = "finite numbers"
   if col.dtype.kind in "iuf":
     values = col.astype(np.float64)
   elif col.dtype.kind == "O":
     bad = [i for i, v in enumerate(col)
            if not isinstance(v, numbers.Real) or isinstance(v, (bool, np.bool_))]
     if bad:
-      raise ServingError(_bad_value(name, col, bad[0], expected))
+      raise _bad(column, col, bad[0], "finite numbers")
     values = np.array([_to_float(v) for v in col], np.float64)
   else:
-    raise ServingError(_bad_value(name, col, 0, expected))
+    raise _bad(column, col, 0, "finite numbers")
   bad = np.flatnonzero(~np.isfinite(values))
   if bad.size:
-    raise ServingError(f"Query feature {_label(name)} must be a finite number; got "
+    raise ServingError(f"Query column {column!r} must be a finite number; got "
                        f"{values[bad[0]]} (row {int(bad[0])}).")
   return values
 
@@ -397,53 +487,14 @@ def _to_float(v: numbers.Real) -> float:
     return float("inf") if v > 0 else float("-inf")
 
 
-def _check_range(name: str, values: np.ndarray, lo: float, hi: float) -> None:
-  bad = np.flatnonzero((values < lo) | (values > hi))
-  if bad.size:
-    raise ServingError(
-        f"Query feature {_label(name)} is {_fmt(values[bad[0]])} (row {int(bad[0])}), outside "
-        f"the range seen in training: {_fmt(lo)} to {_fmt(hi)}. Pass a value in that range.")
-
-
-def _genders(col: np.ndarray) -> np.ndarray:
-  """user_gender as booleans (True = M) from "M"/"F", booleans or 0/1."""
-  expected = "'M' or 'F' or a boolean (True = M)"
-  if col.dtype.kind == "b":
-    return col.astype(bool)
-  if col.dtype.kind in "iu" and np.isin(col, (0, 1)).all():
-    return col.astype(bool)
-  if col.dtype.kind == "U" and np.isin(np.char.upper(np.char.strip(col)), ("M", "F")).all():
-    return np.char.upper(np.char.strip(col)) == "M"
-  out = np.zeros(len(col), bool)
-  for i, v in enumerate(col):
-    if isinstance(v, (bool, np.bool_)):
-      out[i] = bool(v)
-    elif isinstance(v, str) and v.strip().upper() in ("M", "F"):
-      out[i] = v.strip().upper() == "M"
-    elif _is_int(v) and int(v) in (0, 1):
-      out[i] = bool(v)
-    else:
-      raise ServingError(_bad_value("user_gender", col, i, expected))
-  return out
-
-
-def _strings(name: str, col: np.ndarray) -> np.ndarray:
-  if col.dtype.kind == "U":
-    return col
-  bad = [i for i, v in enumerate(col) if not isinstance(v, str)]
-  if bad:
-    raise ServingError(_bad_value(name, col, bad[0], "strings, e.g. 'engineer'"))
-  return col.astype(str)
-
-
 @functools.lru_cache(maxsize=8)
-def _query_fn(tower: model_lib.QueryTower):
+def _query_fn(tower: model_lib.Tower):
   """One jitted query tower per tower configuration (compiled once per input shape)."""
   return jax.jit(lambda p, x: tower.apply({"params": p}, x))
 
 
-def _apply_query(tower: model_lib.QueryTower, params, xq):
-  return _query_fn(tower)(params, xq)
+# ----------------------------------------------------------------------------
+# Loading.
 
 
 def load(path: str | pathlib.Path) -> Recommender:
@@ -460,30 +511,36 @@ def load(path: str | pathlib.Path) -> Recommender:
     raise ServingError(f"{path} holds no serving directory. Train first (python -m "
                        "twotower_jax.main --config configs/default.py --workdir DIR) and pass "
                        "DIR or DIR/serving.")
-  if missing:
-    raise ServingError(f"Serving directory {path} is incomplete: missing {missing}. It was not "
-                       "written by a finished training run; retrain into a fresh workdir.")
   reading = "serving.json"
   try:
     meta = json.loads((path / "serving.json").read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-      raise ServingError(f"{path}/serving.json has format_version "
-                         f"{meta.get('format_version')!r}; this version reads {FORMAT_VERSION}. "
-                         "Retrain with this version.")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+      raise ServingError(
+          f"{path}/serving.json has format_version {version!r}; this version reads "
+          f"{FORMAT_VERSION}. Version 1 directories (from before feature specs) cannot be "
+          "served: retrain into a new workdir (python -m twotower_jax.main --config ... "
+          "--workdir NEW).")
+    if missing:
+      raise ServingError(f"Serving directory {path} is incomplete: missing {missing}. It was "
+                         "not written by a finished training run; retrain into a fresh "
+                         "workdir.")
     reading = "encoders.json / encoders.npz"
     encoders = feat.load_encoders(path)
-    arrays = {}
-    for reading in ("query_params.npz", "candidates.npz", "users.npz"):
+    loaded = {}
+    for reading in ("query_params.npz", "candidates.npz", "items.npz", "users.npz"):
       with np.load(path / reading, allow_pickle=False) as f:
-        arrays[reading] = {k: f[k] for k in f.files}
-    params = flax.traverse_util.unflatten_dict(arrays["query_params.npz"], sep="/")
-    cands, users = arrays["candidates.npz"], arrays["users.npz"]
+        loaded[reading] = {k: f[k] for k in f.files}
+    params = flax.traverse_util.unflatten_dict(loaded["query_params.npz"], sep="/")
+    cands = loaded["candidates.npz"]
+    embeddings, item_ids = cands["embeddings"], cands["item_id"]
   except ServingError:
     raise
   except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:
     raise ServingError(f"Serving directory {path} is corrupt: {reading} is unreadable "
                        f"({type(e).__name__}: {e}); retrain into a fresh workdir.") from e
-  index = index_lib.BruteForceIndex(embeddings_NxD=cands["embeddings"], ids_N=cands["movie_id"],
-                                    titles_N=cands["movie_title"])
+  index = index_lib.BruteForceIndex(embeddings_NxD=embeddings,
+                                    ids_N=np.arange(len(item_ids), dtype=np.int64))
   return Recommender(meta=meta, encoders=encoders, query_params=params, index=index,
-                     genres_N=cands["movie_genres"], users=users)
+                     item_ids_N=item_ids, items=loaded["items.npz"],
+                     users=loaded["users.npz"])

@@ -60,14 +60,15 @@ def batch_sharding_2d(mesh) -> jax.sharding.NamedSharding:
   return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
 
 
-def state_shardings(state: Any, mesh: jax.sharding.Mesh, shard_embeddings: bool) -> Any:
-  """Replicated everywhere, except (with ``shard_embeddings``) the user-id and title tables
-  and their optimizer-state twins, whose rows are split over "data"."""
+def state_shardings(state: Any, mesh: jax.sharding.Mesh, tables: tuple[sparse.Table, ...],
+                    shard_embeddings: bool) -> Any:
+  """Replicated everywhere, except (with ``shard_embeddings``) the ``tables`` (of ``id``
+  features) and their optimizer-state twins, whose rows are split over "data"."""
   rep = replicated(mesh)
   if not shard_embeddings:
     return jax.tree_util.tree_map(lambda _: rep, state)
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", None))
-  shapes = sparse.shapes_of(state.params)
+  shapes = sparse.shapes_of(state.params, tables)
   for (_, name), shape in shapes.items():
     if shape[0] % mesh.size:
       raise ValueError(

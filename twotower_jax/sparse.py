@@ -1,6 +1,6 @@
 """Sparse embedding updates: a step reads, differentiates and writes only the rows it uses.
 
-With a catalogue of millions of items the dense update of the title and user-id tables
+With a catalogue of millions of items the dense update of the tables of id features (user and item ids)
 (every row, every step) costs more than the whole forward and backward pass. With
 ``optimizer.sparse_embeddings`` the step instead
 
@@ -26,15 +26,10 @@ import numpy as np
 
 Array = jax.Array
 
-# (tower, embedding module, feature, batch entries looked up in it): the tables that grow
-# with users and items. The candidate table serves the in-batch and the extra negatives.
-TABLES = (("query", "user_id", "user_id", ("xq",)),
-          ("candidate", "title", "title", ("xc", "extra_xc")))
-
-
-def tables(params: Any) -> tuple[tuple[str, str, str, tuple[str, ...]], ...]:
-  """The entries of ``TABLES`` that the model has."""
-  return tuple(t for t in TABLES if t[1] in params.get(t[0], {}))
+# (tower, feature, batch entries looked up in it): one table that grows with users or
+# items (an ``id`` feature; ``TwoTower.sparse_tables``). The feature names both the
+# embedding module and the model input; a candidate table also serves the extra negatives.
+Table = tuple[str, str, tuple[str, ...]]
 
 
 def unique_rows(ids: Array, num_rows: int) -> tuple[Array, Array]:
@@ -45,12 +40,13 @@ def unique_rows(ids: Array, num_rows: int) -> tuple[Array, Array]:
   return rows_S, inverse.reshape(ids.shape)
 
 
-def remap(params: Any, batch: dict[str, Any]
+def remap(tables: tuple[Table, ...], params: Any, batch: dict[str, Any]
           ) -> tuple[dict[tuple[str, str], Array], dict[str, Any]]:
   """Rows of each sparse table used by ``batch``, and the batch with its ids remapped."""
   rows = {}
   batch = dict(batch)
-  for tower, name, feature, entries in tables(params):
+  for tower, name, entries in tables:
+    feature = name
     present = [e for e in entries if e in batch]
     sizes = [batch[e][feature].shape[0] for e in present]
     rows[(tower, name)], inverse = unique_rows(
@@ -86,9 +82,9 @@ def scatter(full: Any, sub: Any, rows: dict[tuple[str, str], Array], shapes) -> 
   return jax.tree_util.tree_map_with_path(put, full, sub)
 
 
-def shapes_of(params: Any) -> dict[tuple[str, str], tuple[int, ...]]:
-  return {(tower, name): params[tower][name]["embedding"].shape
-          for tower, name, _, _ in tables(params)}
+def shapes_of(params: Any, tables: tuple[Table, ...]) -> dict[tuple[str, str], tuple[int, ...]]:
+  """The shape of each table of ``tables`` in ``params``."""
+  return {(tower, name): params[tower][name]["embedding"].shape for tower, name, _ in tables}
 
 
 def variables(sub_params: Any, full_params: Any, shapes) -> dict[str, Any]:

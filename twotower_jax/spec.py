@@ -67,10 +67,11 @@ def make(kind: str, column: str | None = None, **options) -> ml_collections.Conf
     raise SpecError(f"Unknown option {unknown[0]!r} for a {kind} feature."
                     f"{_suggest(unknown[0], OPTIONS[kind])} Options: "
                     f"{', '.join(OPTIONS[kind])}.")
-  spec = ml_collections.ConfigDict({"kind": kind, "column": column or "", **OPTIONS[kind]})
-  for k, v in options.items():
-    spec[k] = tuple(v) if isinstance(v, list) else v
-  return spec
+  options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+  # Built whole, not assigned key by key: a value of the wrong type is reported by
+  # check_specs ("dim='8': must be an integer >= 1"), not refused by the ConfigDict.
+  return ml_collections.ConfigDict({"kind": kind, "column": column or "", **OPTIONS[kind],
+                                    **options})
 
 
 def id(column: str | None = None, **options) -> ml_collections.ConfigDict:  # noqa: A001
@@ -126,10 +127,8 @@ def check_specs(tower: str, specs: Mapping[str, Any]) -> dict[str, ml_collection
       if key not in allowed:
         problems.append(f"{where}: unknown option {key!r} for a {kind} feature."
                         f"{_suggest(key, allowed)} Options: {', '.join(sorted(allowed))}.")
-    full = make(kind, s.get("column") or name)
-    for key in OPTIONS[kind]:
-      if key in s:
-        full[key] = s[key]
+    full = make(kind, s.get("column") or name,
+                **{key: s[key] for key in OPTIONS[kind] if key in s})
     problems.extend(f"{where}.{p}" for p in _value_problems(full))
     out[name] = full
   if problems:
@@ -160,6 +159,9 @@ def _value_problems(s) -> list[str]:
     positive_int("buckets", 2)
   if s.kind == "text":
     positive_int("max_words")
+  for key in ("normalize", "log"):
+    if key in s:
+      need(isinstance(s[key], bool), key, "must be True or False")
   if "pooling" in s:
     need(s.pooling in POOLINGS, "pooling", f"must be one of {', '.join(POOLINGS)}")
   if s.kind == "multi_hot":

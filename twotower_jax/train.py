@@ -27,7 +27,6 @@ import orbax.checkpoint as ocp
 from twotower_jax import checkpoints
 from twotower_jax import config as config_lib
 from twotower_jax import evaluate
-from twotower_jax import features as feat
 from twotower_jax import input_pipeline
 from twotower_jax import logs
 from twotower_jax import losses
@@ -124,6 +123,7 @@ def init_state(model, tx, prep: input_pipeline.Prepared, config, rng: Array | in
   shardings = None
   if mesh is not None:
     shardings = sharding.state_shardings(jax.eval_shape(init, rng, xq, xc), mesh,
+                                         model.sparse_tables(),
                                 config.train.shard_embeddings)
   return jax.jit(init, out_shardings=shardings)(rng, xq, xc)
 
@@ -192,7 +192,7 @@ def train_step(state: TrainState, data: dict[str, Any], idx_B: Array, valid_B: A
                sparse_embeddings: bool = False) -> tuple[TrainState, Array]:
   """One optimizer step on the batch ``idx_B``; returns the new state and the loss.
 
-  With ``sparse_embeddings`` the user-id and title tables are read, differentiated and
+  With ``sparse_embeddings`` the tables of ``id`` features are read, differentiated and
   updated only at the rows the batch uses (``twotower_jax.sparse``).
   """
   rng, extra_key = jax.random.split(state.rng)
@@ -200,8 +200,9 @@ def train_step(state: TrainState, data: dict[str, Any], idx_B: Array, valid_B: A
   grad_fn = jax.value_and_grad(loss_fn)
   kwargs = dict(model=model, loss_cfg=loss_cfg)
   if sparse_embeddings:
-    shapes = sparse.shapes_of(state.params)
-    rows, batch = sparse.remap(state.params, batch)
+    tables = model.sparse_tables()
+    shapes = sparse.shapes_of(state.params, tables)
+    rows, batch = sparse.remap(tables, state.params, batch)
     params = sparse.gather(state.params, rows, shapes)
     opt_state = sparse.gather(state.opt_state, rows, shapes)
     kwargs["variables_fn"] = lambda p: sparse.variables(p, state.params, shapes)
@@ -243,18 +244,18 @@ def make_step_fn(model, tx, loss_cfg, sparse_embeddings: bool = False,
 def create_step_fn(config, model, tx, state: TrainState
                    ) -> Callable[..., tuple[TrainState, Array]]:
   """``make_step_fn`` as ``config`` asks, keeping ``state``'s shardings."""
-  return make_step_fn(model, tx, config.loss, sparse_step(config, state.params),
+  return make_step_fn(model, tx, config.loss, sparse_step(config, model),
                       jax.tree_util.tree_map(lambda x: x.sharding, state))
 
 
-def sparse_step(config, params) -> bool:
+def sparse_step(config, model: model_lib.TwoTower) -> bool:
   """Whether steps update embeddings sparsely; an error if the model has no table for it."""
   if not config.optimizer.sparse_embeddings:
     return False
-  if not sparse.tables(params):
-    raise ValueError("optimizer.sparse_embeddings=True needs a user-id or title embedding "
-                     "table: set features.user_id=True or features.title=True, or turn "
-                     "sparse_embeddings off.")
+  if not model.sparse_tables():
+    raise ValueError("optimizer.sparse_embeddings=True needs a feature of kind 'id' (a large "
+                     "embedding table, e.g. spec.id('user_id')), or turn sparse_embeddings "
+                     "off.")
   return True
 
 
@@ -374,7 +375,7 @@ def create_setup(config, prep: input_pipeline.Prepared | None = None, *,
   steps_per_epoch = -(-len(prep.train_item) // b)
   if total_steps is None:
     total_steps = steps_per_epoch * config.train.num_epochs
-  model = model_lib.create_model(config.model, feat.vocab_sizes(prep.encoders))
+  model = model_lib.create_model(config.model, prep.query_features, prep.candidate_features)
   tx = create_optimizer(config.optimizer, total_steps)
   state = init_state(model, tx, prep, config, config.seed if rng is None else rng, mesh)
   data = input_pipeline.device_data(prep, mesh, config.train.recency_half_life_days)

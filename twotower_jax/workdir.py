@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from twotower_jax import config as config_lib
 from twotower_jax.data import dataset as dataset_lib
@@ -81,7 +82,14 @@ def config_fingerprint(config_json: Mapping[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in full.items() if not _ignored(k)}
 
 
-def _hash_column(h, name: str, values: np.ndarray) -> None:
+def _hash_column(h, name: str, values) -> None:
+  if isinstance(values, (pa.Array, pa.ChunkedArray)):  # strings of one's own tables
+    arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    h.update(f"{name}|{arr.type}|{len(arr)}|{arr.offset}|".encode())
+    for buf in arr.buffers():
+      if buf is not None:
+        h.update(memoryview(buf))
+    return
   values = np.asarray(values)
   h.update(f"{name}|{values.dtype.str if values.dtype != object else 'O'}|{values.shape}|"
            .encode())
@@ -102,7 +110,7 @@ def data_digest(dataset: dataset_lib.Dataset,
   """
   h = hashlib.sha256()
   tables = {"movies": dataset.movies, "users": dataset.users or {}}
-  joined = {k for t in tables.values() for k in t} - {"user_id", "movie_id"}
+  joined = {k for t in tables.values() for k in t} - {dataset.user_key, dataset.item_key}
   for table_name, table in [*tables.items(), ("ratings", dataset.ratings),
                             *((f"split{i}", t) for i, t in enumerate(split_files))]:
     for name in sorted(table):

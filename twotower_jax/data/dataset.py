@@ -19,6 +19,8 @@ import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 Columns = dict[str, np.ndarray]
 
@@ -75,11 +77,14 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Dataset:
-  """Ratings joined with user and movie features, plus the movie catalogue.
+  """The interactions, with the users' columns joined in, and the item catalogue.
 
-  ``users`` (one row per user: ``user_id`` and the user feature columns) is
-  present for sources with demographics; it lets
+  ``ratings`` is the interactions table (one row per event) and ``movies`` the items table
+  (one row per catalogue item, keyed by ``item_key``), whatever the source; the names
+  come from the MovieLens sources this project started with. ``users`` (one row per user:
+  ``user_key`` and the user columns) is present for sources with a users table; it lets
   :func:`twotower_jax.data.movielens.load_ratings_file` join further rating files.
+  ``genre_names`` names the ids of an [N, L] genre column (MovieLens; empty elsewhere).
   """
 
   ratings: Columns
@@ -87,11 +92,30 @@ class Dataset:
   genre_names: tuple[str, ...]
   source: str
   users: Columns | None = None
+  # The columns that play each role (MovieLens names by default).
+  user_key: str = "user_id"
+  item_key: str = "movie_id"
+  time_key: str = "timestamp"  # "" when the interactions have no time
+  weight_key: str = "user_rating"  # "" when they have no rating or weight
 
 
 def take_rows(columns: Mapping[str, np.ndarray], idx: np.ndarray) -> Columns:
-  """Rows ``idx`` of every column."""
-  return {k: v[idx] for k, v in columns.items()}
+  """Rows ``idx`` of every column (numpy arrays, or pyarrow arrays of strings)."""
+  return {k: (v.take(pa.array(idx)) if isinstance(v, (pa.Array, pa.ChunkedArray)) else v[idx])
+          for k, v in columns.items()}
+
+
+def key_codes(keys) -> np.ndarray:
+  """Integer codes of a key column: integer keys as they are, strings by first occurrence."""
+  if isinstance(keys, (pa.Array, pa.ChunkedArray)):
+    enc = pc.dictionary_encode(keys)
+    if isinstance(enc, pa.ChunkedArray):
+      enc = enc.combine_chunks()
+    return enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+  keys = np.asarray(keys)
+  if keys.dtype.kind in "iub":
+    return keys
+  return np.unique(keys, return_inverse=True)[1].reshape(-1)
 
 
 def compact_strings(strings: np.ndarray) -> np.ndarray:

@@ -12,8 +12,11 @@ import pathlib
 from collections.abc import Callable
 from typing import Any
 
+import ml_collections
+
 from twotower_jax import config as config_lib
-from twotower_jax.data import download, movielens, movielens_large, splits, synthetic, tfds_source
+from twotower_jax.data import (download, movielens, movielens_large, splits, synthetic, tables,
+                               tfds_source)
 from twotower_jax.data.dataset import (
     Columns,
     DataError,
@@ -78,9 +81,23 @@ def _load_synthetic(data_cfg) -> Dataset:
       affinity=float(_cfg(data_cfg, "synthetic_affinity")))
 
 
+def _load_tables(data_cfg) -> Dataset:
+  base = pathlib.Path(str(_cfg(data_cfg, "dir")) or ".").expanduser()
+
+  def resolve(name: str) -> pathlib.Path:
+    path = pathlib.Path(name).expanduser()
+    return path if path.is_absolute() else base / path
+
+  keys = ("interactions_file", "items_file", "users_file", "user_key", "item_key", "time_key",
+          "weight_key", "unknown_items")
+  return tables.load_tables(ml_collections.ConfigDict({k: _cfg(data_cfg, k) for k in keys}),
+                            resolve)
+
+
 # Every source: --config.data.source -> loader(data_cfg). The order is the one
 # the "unknown data source" error lists them in.
 LOADERS: dict[str, Callable[[Any], Dataset]] = {
+    "tables": _load_tables,
     "grouplens": _load_grouplens,
     "tfds": _load_tfds,
     "ml-1m": _load_ml1m,
@@ -145,5 +162,6 @@ def train_test(data_cfg, dataset: Dataset, seed: int) -> tuple[Columns, Columns]
       dataset.ratings, split, seed=seed,
       test_fraction=float(_cfg(data_cfg, "test_fraction")),
       train_size=int(_cfg(data_cfg, "train_size")),
-      test_size=int(_cfg(data_cfg, "test_size")))
+      test_size=int(_cfg(data_cfg, "test_size")),
+      user_key=dataset.user_key, time_key=dataset.time_key)
   return take_rows(dataset.ratings, train_idx), take_rows(dataset.ratings, test_idx)

@@ -7,18 +7,18 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from twotower_jax.data.dataset import DataError
+from twotower_jax.data.dataset import DataError, key_codes
 
 _log = logging.getLogger(__name__)
 
 SPLIT_KINDS = ("seed", "random", "temporal", "leave_last_out")
 
 
-def _num_rows(ratings: Mapping[str, np.ndarray]) -> int:
-  if "user_id" not in ratings:
-    raise DataError(f"ratings have no 'user_id' column (columns: {sorted(ratings)}). "
+def _num_rows(ratings: Mapping[str, np.ndarray], user_key: str) -> int:
+  if user_key not in ratings:
+    raise DataError(f"ratings have no {user_key!r} column (columns: {sorted(ratings)}). "
                     "Fix: pass Dataset.ratings as returned by twotower_jax.data.sources.load_dataset.")
-  return int(np.shape(ratings["user_id"])[0])
+  return len(ratings[user_key])
 
 
 def _fraction_count(n: int, test_fraction: float) -> int:
@@ -35,7 +35,8 @@ def _fraction_count(n: int, test_fraction: float) -> int:
 
 def split_indices(ratings: Mapping[str, np.ndarray], kind: str, *, seed: int,
                   test_fraction: float = 0.2, train_size: int = 80_000,
-                  test_size: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
+                  test_size: int = 10_000, user_key: str = "user_id",
+                  time_key: str = "timestamp") -> tuple[np.ndarray, np.ndarray]:
   """(train_idx, test_idx) into ``ratings``, each sorted ascending, disjoint.
 
   kinds: ``seed`` (seeded permutation: first ``train_size`` train, next
@@ -46,7 +47,7 @@ def split_indices(ratings: Mapping[str, np.ndarray], kind: str, *, seed: int,
   is test; ties by position), ``leave_last_out`` (each user's latest rating is
   test; ties by position; single-rating users stay in train).
   """
-  n = _num_rows(ratings)
+  n = _num_rows(ratings, user_key)
   if kind == "seed":
     if train_size < 1 or test_size < 1 or train_size + test_size > n:
       raise DataError(
@@ -59,16 +60,17 @@ def split_indices(ratings: Mapping[str, np.ndarray], kind: str, *, seed: int,
     n_test = _fraction_count(n, test_fraction)
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
-  if kind in ("temporal", "leave_last_out") and "timestamp" not in ratings:
-    raise DataError(f"split {kind!r} needs a 'timestamp' column; ratings have "
-                    f"{sorted(ratings)}. Fix: use split='random'.")
+  if kind in ("temporal", "leave_last_out") and (not time_key or time_key not in ratings):
+    raise DataError(f"split {kind!r} needs a timestamp column ({time_key or 'none is set'}); "
+                    f"the interactions have {sorted(ratings)}. Fix: set data.time_key, or use "
+                    "split='random'.")
   if kind == "temporal":
     n_test = _fraction_count(n, test_fraction)
-    order = np.argsort(np.asarray(ratings["timestamp"]), kind="stable")
+    order = np.argsort(np.asarray(ratings[time_key]), kind="stable")
     return np.sort(order[:n - n_test]), np.sort(order[n - n_test:])
   if kind == "leave_last_out":
-    users_N = np.asarray(ratings["user_id"])
-    order = np.lexsort((np.arange(n), np.asarray(ratings["timestamp"]), users_N))
+    users_N = key_codes(ratings[user_key])
+    order = np.lexsort((np.arange(n), np.asarray(ratings[time_key]), users_N))
     users_sorted = users_N[order]
     is_last = np.ones(n, bool)
     is_last[:-1] = users_sorted[1:] != users_sorted[:-1]

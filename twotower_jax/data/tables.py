@@ -59,12 +59,22 @@ def read_table(path: str | pathlib.Path, what: str) -> pa.Table:
   except pa.ArrowInvalid as e:
     if bad_rows:
       row = bad_rows[0]
-      where = f"line {row.number}" if row.number is not None else "a row"
+      number = row.number if row.number is not None else _line_of(path, row.text)
+      where = f"line {number}" if number is not None else "a row"
       raise DataError(f"{path}: {where} has {row.actual_columns} fields where the header has "
                       f"{row.expected_columns}: {row.text[:200]!r}. Fix: quote fields that hold "
                       "the delimiter, or remove the row.") from e
     raise DataError(f"{path}: not a readable CSV file ({e}). Fix: one header row, then one "
                     "row per record with the same number of fields.") from e
+
+
+def _line_of(path: pathlib.Path, text: str) -> int | None:
+  """The 1-based number of the first line of ``path`` that reads ``text`` (error path only)."""
+  with open(path, encoding="utf-8", errors="replace", newline="") as f:
+    for number, line in enumerate(f, start=1):
+      if line.rstrip("\r\n") == text:
+        return number
+  return None
 
 
 def _suggest(name: str, names) -> str:
@@ -103,7 +113,7 @@ def key_column(table: pa.Table, path, column: str, role: str) -> np.ndarray | pa
     values = col.to_numpy()
     if not np.all(values == np.round(values)):
       row = _row_of(values != np.round(values))
-      raise DataError(f"{path}: column {column!r} ({role}) holds {values[row]!r} at "
+      raise DataError(f"{path}: column {column!r} ({role}) holds {values[row].item()!r} at "
                       f"{_line(path, row)}; keys must be integers or strings.")
     return values.astype(np.int64)
   return col.cast(pa.string())
@@ -195,7 +205,7 @@ def load_tables(data_cfg, resolve) -> Dataset:
     if missing.any():
       n, first = int(missing.sum()), _row_of(missing)
       value = cols[item_key][first]
-      value = value.as_py() if hasattr(value, "as_py") else value
+      value = value.as_py() if hasattr(value, "as_py") else value.item()
       if data_cfg.unknown_items != "drop":
         raise DataError(
             f"{path}: {n} interactions name items absent from {items_path} (the first, "
@@ -225,7 +235,9 @@ def load_tables(data_cfg, resolve) -> Dataset:
     for name, values in users.items():
       if name != user_key and name not in cols:
         cols[name] = _take_filled(values, rows)
-  return Dataset(ratings=cols, movies=items, genre_names=(), source="tables", users=users)
+  return Dataset(ratings=cols, movies=items, genre_names=(), source="tables", users=users,
+                 user_key=user_key, item_key=item_key, time_key=data_cfg.time_key,
+                 weight_key=data_cfg.weight_key)
 
 
 def take(cols: Columns, idx: np.ndarray) -> Columns:
