@@ -1,7 +1,8 @@
 """A CPU-friendly configuration that trains in seconds (tests import it).
 
 Variants (``--config configs/tiny.py:VARIANT``): ``user_id`` adds the user id to the query
-tower; ``all`` also gives the candidate tower all genres, title words and release year.
+tower; ``all`` also gives the candidate tower all genres, title words and release year;
+``history`` adds the user's last 10 movies (mean-pooled; ``attention``: self-attention).
 """
 
 from twotower_jax import spec
@@ -28,6 +29,9 @@ def get_config(arg: str = ""):
     c.features.candidate.genre.max_values = 0
     c.features.candidate["title_words"] = spec.text("movie_title", dim=4)
     c.features.candidate["release_year"] = spec.categorical("movie_release_year", dim=4)
+  if arg in ("history", "attention"):
+    c.features.query["history"] = spec.history("movie_id", max_len=10, dim=8,
+                                               encoder="mean" if arg == "history" else arg)
   c.model.mlp = (16, 8)
   c.train.batch_size = 128
   c.train.num_epochs = 2

@@ -169,7 +169,7 @@ def test_split_files_needs_both_files():
 def test_feature_specs_of_an_unknown_kind_or_option():
   problems = problems_of(config_with(features__query__age__kind="numerc"))
   assert problems == ["features.query.age: unknown kind 'numerc'. Did you mean 'numeric'? "
-                      "Kinds: id, categorical, numeric, timestamp, multi_hot, text."]
+                      "Kinds: id, categorical, numeric, timestamp, multi_hot, text, history."]
   cfg = config_lib.base_config()
   cfg.features.query.time.bukets = 50
   [problem] = problems_of(cfg)
@@ -254,7 +254,9 @@ def test_choice_lists_match_the_code_that_acts_on_them():
                                       ("tiny", "all"), ("default", None),
                                       ("default", "temporal"), ("demographic", None),
                                       ("demographic", "temporal"), ("shop", None),
-                                      ("shop", "csv"), ("ids", None), ("ids", "ml-25m")])
+                                      ("shop", "csv"), ("ids", None), ("ids", "ml-25m"),
+                                      ("history", None), ("history", "attention"),
+                                      ("tiny", "history"), ("tiny", "attention")])
 def test_committed_configs_validate(name, arg):
   cfg = config_lib.load_config_file(REPO / "configs" / f"{name}.py", arg)
   config_lib.check_keys(cfg, config_lib.base_config())
@@ -263,7 +265,7 @@ def test_committed_configs_validate(name, arg):
 
 def test_every_committed_config_file_is_covered():
   assert {p.stem for p in (REPO / "configs").glob("*.py")} == {
-      "seed", "tiny", "default", "demographic", "shop", "ids"}
+      "seed", "tiny", "default", "demographic", "shop", "ids", "history"}
 
 
 def test_check_keys_leaves_feature_names_to_the_user():

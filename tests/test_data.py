@@ -311,7 +311,7 @@ def test_leave_last_out_on_synthetic(synthetic):
 
 def test_split_errors():
   ratings = {"user_id": np.arange(10), "timestamp": np.arange(10)}
-  with pytest.raises(dataset.DataError, match="seed, random, temporal, leave_last_out"):
+  with pytest.raises(dataset.DataError, match="seed, random, temporal, user_temporal, leave_last_out"):
     splits.split_indices(ratings, "by_genre", seed=0)
   with pytest.raises(dataset.DataError, match="train_size=8, test_size=3 .* the data has 10"):
     splits.split_indices(ratings, "seed", seed=0, train_size=8, test_size=3)

@@ -71,3 +71,15 @@ def test_cli_typo_in_a_spec_option_names_the_feature_and_suggests(tmp_path):
   assert ("Unknown config key 'features.query.user_id.dmi' in "
           "--config.features.query.user_id.dmi=3. Did you mean 'dim'?") in proc.stderr
   assert not (tmp_path / "w").exists()
+
+
+def test_history_options_are_checked_and_it_belongs_to_the_query_tower():
+  c = config_lib.base_config()
+  c.features.query["history"] = spec.history("movie_id", encoder="gru", blocks=3)
+  c.features.candidate["past"] = spec.history("movie_id")
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(c)
+  msg = str(e.value)
+  assert "features.query.history.encoder='gru': must be one of mean, attention" in msg
+  assert "features.query.history.blocks=3: must be 1 or 2" in msg
+  assert "features.candidate.past: a history describes the user" in msg

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -103,7 +104,8 @@ def _quiet_restore() -> Iterator[Callable[[], None]]:
 
 
 def load_params(workdir: str | pathlib.Path) -> Any:
-  """The model parameters of the newest checkpoint in ``workdir`` (as a nested dict)."""
+  """The model parameters of the newest checkpoint in ``workdir`` (as a nested dict): of a
+  run with a validation split, those of its best evaluation, which the run served."""
   mngr = ocp.CheckpointManager((pathlib.Path(workdir) / "checkpoints").absolute(),
                                item_handlers=ocp.StandardCheckpointHandler())
   try:
@@ -112,9 +114,15 @@ def load_params(workdir: str | pathlib.Path) -> Any:
       raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints; train first.")
     # Onto one local device, whatever devices and processes saved it.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    # Host numbers (a validation run's bookkeeping) were saved from numpy, with no sharding.
     target = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        lambda m: (np.zeros(m.shape, m.dtype) if m.sharding is None
+                   else jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device)),
         mngr.item_metadata(step))
-    return mngr.restore(step, args=ocp.args.StandardRestore(target))["params"]
+    restored = mngr.restore(step, args=ocp.args.StandardRestore(target))
+    best = restored.get("best")
+    if best and int(best["step"]) >= 0:
+      return best["params"]
+    return restored["params"]
   finally:
     mngr.close()

@@ -12,6 +12,7 @@ import importlib.util
 import math
 import numbers
 import pathlib
+import re
 from collections.abc import Callable, Sequence
 
 import ml_collections
@@ -96,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_size = 80_000
   c.data.test_size = 10_000
   c.data.test_fraction = 0.2
+  # > 0: this share of the training interactions (after the train/test split) is held out
+  # for validation: the latest part for temporal splits, a seeded random part otherwise.
+  c.data.validation_fraction = 0.0
   c.data.train_file = ""
   c.data.test_file = ""
   c.data.synthetic_users = 10_000
@@ -166,11 +170,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every_steps = 500
   c.train.max_checkpoints = 2
   c.train.progress = True
+  # With a validation split: evaluate on it every epoch (or every eval_every_steps steps),
+  # keep the best parameters by early_stopping_metric, and stop after `patience`
+  # evaluations without a gain (0: never stop early).
+  c.train.patience = 0
+  c.train.eval_every_steps = 0
+  c.train.early_stopping_metric = "exclude_seen/hr_100"
 
   c.eval = ml_collections.ConfigDict()
   c.eval.ks = (1, 5, 10, 50, 100)
   c.eval.batch_size = 4096
   c.eval.baselines = True
+  # The EASE baseline (Steck 2019): its L2 weight, the weight factor**k of the history item
+  # k steps back (1: no recency weighting), and the largest catalogue it runs on (it inverts
+  # an N x N matrix; above, it is skipped with one log line).
+  c.eval.ease_lambda = 500.0
+  c.eval.ease_recency = 1.0
+  c.eval.ease_max_items = 20_000
 
   c.serve = ml_collections.ConfigDict()
   c.serve.top_n = 10
@@ -272,6 +288,22 @@ def _cutoffs(v, eg) -> str | None:
   return None
 
 
+# A model metric where higher is better: "<protocol>/<metric>" (twotower_jax.metrics), or
+# the TFRS alias "top_<k>_accuracy".
+METRIC_KEY = re.compile(r"(?:(?:include_seen|exclude_seen|exclude_history)/"
+                        r"(?:(?:user/)?mrr|(?:hr|ndcg|recall|user/hr|user/ndcg)_(\d+))"
+                        r"|top_(\d+)_accuracy)")
+
+
+def _metric_key(v, eg) -> str | None:
+  if isinstance(v, str) and METRIC_KEY.fullmatch(v):
+    return None
+  return ("must be a model metric where higher is better: '<protocol>/<metric>' with protocol "
+          "include_seen, exclude_seen or exclude_history and metric mrr, user/mrr, or hr, "
+          f"ndcg, recall, user/hr, user/ndcg followed by _<k> (e.g. {eg!r}), or "
+          "'top_<k>_accuracy'.")
+
+
 _POSITIVE = _int_at_least(1, "a positive integer")
 _NON_NEGATIVE = _int_at_least(0, "an integer >= 0")
 _POSITIVE_REAL = _real("a finite number > 0", lambda x: x > 0)
@@ -294,6 +326,9 @@ CHECKS: dict[str, Check] = {
     "data.train_size": _POSITIVE,
     "data.test_size": _POSITIVE,
     "data.test_fraction": _real("a number in (0, 1): the test share", lambda x: 0 < x < 1),
+    "data.validation_fraction": _real(
+        "a number in [0, 1): the validation share of the training part (0: none)",
+        lambda x: 0 <= x < 1),
     "data.train_file": _string("a ratings file path (split='files'), or ''"),
     "data.test_file": _string("a ratings file path (split='files'), or ''"),
     "data.synthetic_users": _POSITIVE,
@@ -337,9 +372,16 @@ CHECKS: dict[str, Check] = {
     "train.checkpoint_every_steps": _POSITIVE,
     "train.max_checkpoints": _POSITIVE,
     "train.progress": _bool,
+    "train.patience": _int_at_least(0, "an integer >= 0 (0: never stop early)"),
+    "train.eval_every_steps": _int_at_least(0, "an integer >= 0 (0: once per epoch)"),
+    "train.early_stopping_metric": _metric_key,
     "eval.ks": _cutoffs,
     "eval.batch_size": _POSITIVE,
     "eval.baselines": _bool,
+    "eval.ease_lambda": _POSITIVE_REAL,
+    "eval.ease_recency": _real("a number in (0, 1] (1: no recency weighting)",
+                               lambda x: 0 < x <= 1),
+    "eval.ease_max_items": _int_at_least(0, "an integer >= 0 (0: never run EASE)"),
     "serve.top_n": _POSITIVE,
     "serve.bottom_n": _NON_NEGATIVE,
     "serve.exclude_rated": _bool,
@@ -402,6 +444,10 @@ def _feature_problems(config) -> list[str]:
       spec.check_specs(section.split(".")[1], value)
     except spec.SpecError as e:
       problems += [line.strip() for line in str(e).splitlines()[1:]]
+  for name, s in _section(config, "features.candidate").items():
+    if hasattr(s, "get") and s.get("kind") == "history":
+      problems.append(f"features.candidate.{name}: a history describes the user, so it "
+                      "belongs in features.query.")
   both = set(_section(config, SPEC_SECTIONS[0])) & set(_section(config, SPEC_SECTIONS[1]))
   if both:
     problems.append(f"features: {sorted(both)} named in both towers; give each feature its "
@@ -427,6 +473,20 @@ def _cross_checks(ok: dict, config) -> list[str]:
     items = ok["data.synthetic_items"]
     problems.append(f"data.synthetic_clusters={ok['data.synthetic_clusters']}: more clusters "
                     f"than the {items} items of data.synthetic_items; use at most {items}.")
+  if have("data.validation_fraction", "train.patience", "train.eval_every_steps") and (
+      not ok["data.validation_fraction"]):
+    for key in ("train.patience", "train.eval_every_steps"):
+      if ok[key]:
+        problems.append(f"{key}={ok[key]}: needs a validation split to evaluate on; set e.g. "
+                        f"--config.data.validation_fraction=0.1, or {key}=0.")
+  if have("train.early_stopping_metric", "eval.ks", "data.validation_fraction") and (
+      ok["data.validation_fraction"]):  # the metric is computed only with a validation split
+    m = METRIC_KEY.fullmatch(ok["train.early_stopping_metric"])
+    k = m.group(1) or m.group(2)
+    if k is not None and int(k) not in [int(x) for x in ok["eval.ks"]]:
+      problems.append(f"train.early_stopping_metric={ok['train.early_stopping_metric']!r}: "
+                      f"its cutoff {k} is not one of eval.ks={_show(ok['eval.ks'])}; add it "
+                      "to eval.ks or choose a metric at one of those cutoffs.")
   if have("data.source", "data.interactions_file") and ok["data.source"] == "tables" and (
       not ok["data.interactions_file"]):
     problems.append("data.interactions_file='': data.source='tables' needs your interactions "

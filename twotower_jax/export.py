@@ -23,7 +23,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from twotower_jax import arrays
+from twotower_jax import history
 from twotower_jax import serving
+from twotower_jax.data import dataset as dataset_lib
 from twotower_jax.data import download, sources
 from twotower_jax.data.dataset import DataError
 
@@ -129,7 +132,10 @@ def export_ranker(config, serving_dir: pathlib.Path, out: pathlib.Path, *, split
   config = locate_data(config, data_dir)
   dataset = sources.load_dataset(config.data)
   train, test = sources.train_test(config.data, dataset, int(config.seed))
-  cols = test if split == "test" else train
+  cols = dict(test if split == "test" else train)
+  # History features: each query's window over what was known before it (training
+  # interactions for a training query; training and earlier test ones for a test query).
+  cols.update(history_windows(rec, dataset, train, test if split == "test" else None))
   n = len(cols[dataset.user_key])
   if max_queries:
     n = min(n, max_queries)
@@ -147,16 +153,41 @@ def export_ranker(config, serving_dir: pathlib.Path, out: pathlib.Path, *, split
   return rows
 
 
+def history_windows(rec: serving.Recommender, dataset, train, test=None) -> dict:
+  """Per history feature of the model, the [Q, L] item keys (padded with -1 or '') of each
+  query's last L items strictly before it: queries are ``test`` if given, else ``train``."""
+  out = {}
+  for name in rec.history_columns():
+    if not dataset.time_key:
+      raise DataError(f"the model's history feature {name!r} needs timestamps "
+                      "(data.time_key).")
+    parts = [train] + ([test] if test is not None else [])
+    users = dataset_lib.key_codes(pa.chunked_array(
+        [pa.array(p[dataset.user_key]) for p in parts]))
+    rows = np.concatenate([arrays.find_rows(rec.item_ids_N, p[dataset.item_key]) for p in parts])
+    times = np.concatenate([np.asarray(p[dataset.time_key]) for p in parts])
+    seqs = history.sequences(users, rows, times, int(users.max()) + 1 if len(users) else 0)
+    q = slice(len(train[dataset.item_key]), None) if test is not None else slice(None)
+    win = history.windows(seqs, users[q], history.ends(seqs, users[q], times[q]),
+                          rec.encoders[name]["width"])
+    keys = rec.item_ids_N[np.maximum(win, 0)]
+    out[name] = np.where(win >= 0, keys, "" if keys.dtype.kind == "U" else -1)
+  return out
+
+
 def _write_rows(f, rec: serving.Recommender, dataset, cols, n: int, *, top_n: int,
                 exclude_rated: bool, batch_size: int) -> int:
   """Writes the header and the candidate rows of the first ``n`` queries; returns the rows."""
   user_key, item_key = dataset.user_key, dataset.item_key
-  qcols = list(dict.fromkeys([user_key] + [c for c in rec.query_columns() if c in cols]))
+  hcols = rec.history_columns()
+  qcols = list(dict.fromkeys([user_key] + [c for c in rec.query_columns()
+                                           if c in cols and c not in hcols]))
   weight = [dataset.weight_key] if dataset.weight_key in cols else []
   writer, rows = None, 0
   for start in range(0, n, batch_size):
     stop = min(start + batch_size, n)
     feats = {c: _plain(cols[c], start, stop) for c in qcols}
+    feats.update({c: cols[c][start:stop] for c in rec.history_columns()})
     exclude = rec.rated(feats[user_key]) if exclude_rated else None
     # The split's own interactions, as they are (a later test period lies past the training
     # range by construction): no range check.
@@ -166,6 +197,10 @@ def _write_rows(f, rec: serving.Recommender, dataset, cols, n: int, *, top_n: in
     true_Q = _plain(cols[item_key], start, stop)
     table = {"query_index": start + q_R}
     table.update({c: feats[c][q_R] for c in qcols})
+    for c in hcols:  # a history as its item keys, oldest first, joined by '|'
+      joined = np.array(["|".join(str(k) for k in row if k != -1 and k != "")
+                         for row in feats[c]] + [""])[:-1]
+      table[c] = joined[q_R]
     table[f"true_{item_key}"] = true_Q[q_R]
     table.update({c: _plain(cols[c], start, stop)[q_R] for c in weight})
     table["rank"] = j_R + 1

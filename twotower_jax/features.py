@@ -277,6 +277,9 @@ def fit(spec, values, weights=None) -> dict[str, Any]:
                hash_buckets=spec.get("hash_buckets", 0))
   if kind in ("id", "categorical"):
     return fit_vocab(values, weights=weights, **vocab)
+  if kind == "history":  # the items, as the interactions name them
+    return {**fit_vocab(values, weights=weights, min_count=spec.min_count),
+            "width": int(spec.max_len)}
   if kind == "numeric":
     x = _numpy(values)
     if spec.log:
@@ -341,12 +344,38 @@ def encode(name: str, spec, enc: dict[str, Any], values) -> dict[str, np.ndarray
   if kind in ("multi_hot", "text"):
     lists = tokenize(values) if kind == "text" else split_values(values, spec.sep)
     return {name: _padded(lists, enc, enc["width"])}
+  if kind == "history":
+    return {name: encode_histories(enc, values)}
   raise ValueError(f"Unknown feature kind {kind!r}.")
+
+
+def encode_histories(enc: dict[str, Any], histories) -> np.ndarray:
+  """[Q, L] embedding rows of each query's history (item keys, most recent last; a list, a
+  '|'-joined string, or a -1-padded row): its last L items, -1 on the left."""
+  width = enc["width"]
+  out = np.full((len(histories), width), PAD, np.int32)
+  for q, h in enumerate(histories):  # one query at a time: serving, not training
+    if isinstance(h, str):
+      h = [v for v in h.split("|") if v]
+    h = np.asarray(h if h is not None else [])
+    if h.size == 0:
+      continue
+    if h.dtype.kind in "iu":
+      h = h[h != PAD]
+    elif h.dtype.kind in "fc":
+      raise ValueError("history items must be item keys (integers or strings), not "
+                       f"numbers like {h[:1].tolist()}.")
+    if len(h):
+      h = h[-width:]
+      if enc["vocab"].dtype.kind in "iu" and h.dtype.kind not in "iu":
+        h = h.astype(np.int64)
+      out[q, width - len(h):] = lookup(enc, h)
+  return out
 
 
 def rows(spec, enc: dict[str, Any]) -> int:
   """Embedding rows the feature needs (0: none, the value enters the tower as is)."""
-  if spec.kind in ("id", "categorical", "multi_hot", "text"):
+  if spec.kind in ("id", "categorical", "multi_hot", "text", "history"):
     return vocab_rows(enc)
   if spec.kind == "timestamp":
     return len(enc["buckets"]) + 1
@@ -428,9 +457,13 @@ def fit_encoders(query_specs: Mapping[str, Any], candidate_specs: Mapping[str, A
 
 def encode_tower(specs: Mapping[str, Any], enc: Encoders, cols: Columns, where: str
                  ) -> dict[str, np.ndarray]:
-  """Raw columns -> the model inputs of one tower, one row per query or item."""
+  """Raw columns -> the model inputs of one tower, one row per query or item. History
+  features are left out: each interaction's history comes from the others
+  (``input_pipeline``), not from its own columns."""
   out: dict[str, np.ndarray] = {}
   for name, s in specs.items():
+    if s.kind == "history":
+      continue
     out.update(encode(name, s, enc[name], column(cols, s.column, where)))
   return out
 

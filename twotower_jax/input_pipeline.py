@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from twotower_jax import arrays
 from twotower_jax import features as feat
+from twotower_jax import history
 from twotower_jax import model as model_lib
 from twotower_jax import sharding
 from twotower_jax import spec as spec_lib
@@ -44,6 +45,16 @@ class Prepared:
   dataset: dataset_lib.Dataset
   train: dict[str, np.ndarray]
   test: dict[str, np.ndarray]
+  # History features: the training interactions' sequences, by feature name. A training
+  # example's window is gathered per batch from its user's sequence (train_q holds
+  # "<name>/start" and "<name>/end"); test windows are in test_q[<name>].
+  histories: dict[str, history.Sequences] = dataclasses.field(default_factory=dict)
+  # The validation interactions (data.validation_fraction, carved out of training before the
+  # encoders were fitted), encoded like the test ones; None without a validation split.
+  validation: dict[str, np.ndarray] | None = None
+  valid_q: dict[str, np.ndarray] | None = None
+  valid_item: np.ndarray | None = None
+  valid_user: np.ndarray | None = None
 
   @property
   def num_items(self) -> int:
@@ -87,10 +98,23 @@ def user_index(train_users, test_users) -> tuple[np.ndarray, np.ndarray, int]:
           int(codes.max()) + 1 if len(codes) else 0)
 
 
+def concat_keys(a, b):
+  """Two key columns as one (numpy arrays stay numpy; otherwise a pyarrow chunked array)."""
+  if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+    return np.concatenate([a, b])
+
+  def chunks(x):
+    if isinstance(x, pa.ChunkedArray):
+      return x.chunks
+    return [x if isinstance(x, pa.Array) else pa.array(x)]
+
+  return pa.chunked_array([*chunks(a), *chunks(b)])
+
+
 def prepare(config: ml_collections.ConfigDict) -> Prepared:
   """Loads and splits the data, fits the encoders on the training split, encodes."""
   dataset = sources.load_dataset(config.data)
-  train, test = sources.train_test(config.data, dataset, config.seed)
+  train, validation, test = sources.train_validation_test(config.data, dataset, config.seed)
   specs = {t: spec_lib.check_specs(t, config.features[t]) for t in ("query", "candidate")}
   feat.check_columns(specs, train, dataset.movies)
   if (any(s.kind == "timestamp" for s in specs["query"].values())
@@ -105,6 +129,23 @@ def prepare(config: ml_collections.ConfigDict) -> Prepared:
                                train_item)
   train_user, test_user, num_users = user_index(train[dataset.user_key],
                                                 test[dataset.user_key])
+  valid_q = valid_item = valid_user = None
+  if validation is not None:  # one user index over the three splits
+    train_user, rest_user, num_users = user_index(
+        train[dataset.user_key], concat_keys(test[dataset.user_key],
+                                             validation[dataset.user_key]))
+    test_user, valid_user = rest_user[:len(test_item)], rest_user[len(test_item):]
+    valid_item = item_index(item_ids, validation[dataset.item_key], "validation interactions")
+    valid_q = feat.encode_tower(specs["query"], encoders, validation, "interactions")
+  train_q = feat.encode_tower(specs["query"], encoders, train, "interactions")
+  test_q = feat.encode_tower(specs["query"], encoders, test, "interactions")
+  histories = add_histories(specs["query"], encoders, dataset, item_ids, train, test,
+                            (train_user, train_item, train_q), (test_user, test_item, test_q),
+                            num_users)
+  if validation is not None:  # validation windows: training and validation before them
+    add_histories(specs["query"], encoders, dataset, item_ids, train, validation,
+                  (train_user, train_item, train_q), (valid_user, valid_item, valid_q),
+                  num_users)
   return Prepared(
       specs=specs,
       encoders=encoders,
@@ -114,11 +155,47 @@ def prepare(config: ml_collections.ConfigDict) -> Prepared:
           specs["candidate"], feat.embedding_rows(specs["candidate"], encoders)),
       cand=feat.encode_tower(specs["candidate"], encoders, dataset.movies, "items table"),
       item_ids_N=np.asarray(item_ids) if isinstance(item_ids, np.ndarray) else item_ids,
-      train_q=feat.encode_tower(specs["query"], encoders, train, "interactions"),
-      train_item=train_item, train_user=train_user,
-      test_q=feat.encode_tower(specs["query"], encoders, test, "interactions"),
-      test_item=test_item, test_user=test_user,
-      num_users=num_users, dataset=dataset, train=train, test=test)
+      train_q=train_q, train_item=train_item, train_user=train_user,
+      test_q=test_q, test_item=test_item, test_user=test_user,
+      num_users=num_users, dataset=dataset, train=train, test=test, histories=histories,
+      validation=validation, valid_q=valid_q, valid_item=valid_item, valid_user=valid_user)
+
+
+def add_histories(query_specs, encoders, dataset, item_ids, train, test, train_parts,
+                  test_parts, num_users: int) -> dict[str, history.Sequences]:
+  """Fills in every history feature: training examples get their user's position in the
+  training sequences ("<name>/start", "<name>/end"; windows are gathered per batch), test
+  interactions their window over training and test interactions strictly before them
+  (what a live system knows). Returns the training sequences by feature name."""
+  out = {}
+  for name, s in query_specs.items():
+    if s.kind != "history":
+      continue
+    if not dataset.time_key:
+      raise dataset_lib.DataError(f"features.query.{name} (history) needs the time of each "
+                                  "interaction: set data.time_key.")
+    rows_N = feat.lookup(encoders[name], item_ids)  # each catalogue item's embedding row
+    (tr_user, tr_item, tr_q), (te_user, te_item, te_q) = train_parts, test_parts
+    tr_time, te_time = train[dataset.time_key], test[dataset.time_key]
+    seqs = history.sequences(tr_user, rows_N[tr_item], tr_time, num_users)
+    tr_q[f"{name}/start"] = seqs.indptr_U1[tr_user].astype(np.int32)
+    tr_q[f"{name}/end"] = history.ends(seqs, tr_user, tr_time).astype(np.int32)
+    both = history.sequences(np.concatenate([tr_user, te_user]),
+                             rows_N[np.concatenate([tr_item, te_item])],
+                             np.concatenate([tr_time, te_time]), num_users)
+    te_q[name] = history.windows(both, te_user, history.ends(both, te_user, te_time),
+                                 encoders[name]["width"])
+    out[name] = seqs
+  return out
+
+
+def query_inputs(prep: Prepared, idx: np.ndarray) -> dict[str, np.ndarray]:
+  """The model's query inputs of training examples ``idx``, windows included (host side)."""
+  xq = {k: v[idx] for k, v in prep.train_q.items() if "/" not in k}
+  for name, seqs in prep.histories.items():
+    xq[name] = history.windows(seqs, prep.train_user[idx], prep.train_q[f"{name}/end"][idx],
+                               prep.encoders[name]["width"])
+  return xq
 
 
 def epoch_batches(num_examples: int, batch_size: int, seed: int, epoch: int
@@ -153,6 +230,10 @@ def device_data(prep: Prepared, mesh, recency_half_life_days: float = 0.0) -> di
       "cand": prep.cand,
       "p_item": (counts / max(counts.sum(), 1.0)).astype(np.float32),
   }
+  if prep.histories:
+    data["histories"] = {name: {"items": seqs.items,
+                                "pos_L": np.arange(prep.encoders[name]["width"], dtype=np.int32)}
+                         for name, seqs in prep.histories.items()}
   if recency_half_life_days:
     data["train_weight"] = recency_weights(prep.train[prep.dataset.time_key],
                                            recency_half_life_days)

@@ -33,6 +33,9 @@ _USER_ID = flags.DEFINE_string(
 _QUERY = flags.DEFINE_string(
     "query", None, "recommend: the query's columns as JSON, keyed by the spec's column names, "
     "e.g. '{\"raw_user_age\": 30}'; they override a known user's own.")
+_HISTORY = flags.DEFINE_string(
+    "history", None, "recommend: the user's last items, most recent last, e.g. 50,181,1 (for "
+    "a model with a history feature; replaces a known user's own).")
 _AGE = flags.DEFINE_float("age", None, "recommend (MovieLens): the 'age' feature's column.")
 _GENDER = flags.DEFINE_enum("gender", None, ["M", "F"],
                             "recommend (MovieLens): the 'gender' feature's column.")
@@ -150,6 +153,19 @@ def _query_values(rec) -> dict:
                        "--query='{\"raw_user_age\": 30}'.")
   shortcuts = {"age": _AGE.value, "occupation": _OCCUPATION.value, "time": _TIME.value,
                "gender": None if _GENDER.value is None else _GENDER.value == "M"}
+  if _HISTORY.value is not None:
+    names = rec.history_columns()
+    if len(names) != 1:
+      raise UsageError(f"--history needs a model with one history feature; this one has "
+                       f"{len(names)}. Pass --query with the history columns {names}.")
+    items = [v.strip() for v in _HISTORY.value.split(",") if v.strip()]
+    if rec.item_ids_N.dtype.kind in "iu":
+      try:
+        items = [int(v) for v in items]
+      except ValueError as e:
+        raise UsageError(f"--history={_HISTORY.value!r}: this model's item keys are "
+                         "integers, e.g. --history=50,181,1.") from e
+    values[names[0]] = items
   for name, value in shortcuts.items():
     if value is None:
       continue

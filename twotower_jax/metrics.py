@@ -7,10 +7,12 @@ Excluded candidates (e.g. the user's training items) are not counted; the true
 candidate never counts against itself, even if it is listed as excluded.
 
 Key layout of a run's metrics (see `evaluate_protocols`):
-`<protocol>/<metric>` with protocol `include_seen` (no masking) or `exclude_seen`
-(the user's training items masked out before ranking), e.g. `include_seen/hr_100`,
-`exclude_seen/ndcg_10`, `include_seen/mrr`, plus the TFRS aliases
-`top_{k}_accuracy` = `include_seen/hr_{k}`.
+`<protocol>/<metric>` with protocol `include_seen` (no masking), `exclude_seen`
+(the user's training items masked out before ranking) or, when the caller passes each
+test interaction's online history (`history.online_history`), `exclude_history` (the
+user's training items and their test items before this one masked out: what a live
+system would not recommend again), e.g. `include_seen/hr_100`, `exclude_seen/ndcg_10`,
+`exclude_history/mrr`, plus the TFRS aliases `top_{k}_accuracy` = `include_seen/hr_{k}`.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from twotower_jax import index
 
 DEFAULT_KS = (1, 5, 10, 50, 100)
 DEFAULT_CHUNK_SIZE = 4096
-PROTOCOLS = ("include_seen", "exclude_seen")
+PROTOCOLS = ("include_seen", "exclude_seen", "exclude_history")
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 ScoreFn = Callable[[np.ndarray], np.ndarray]  # user_ids_B -> scores_BxN
+# rows_B (positions among the test interactions) -> scores_BxN from each one's online history
+HistoryScoreFn = Callable[[np.ndarray], np.ndarray]
 
 
 # ----------------------------------------------------------------------------- checks
@@ -397,6 +401,41 @@ def _top_k_masked(scores_BxN, mask_BxN, k):
   return jnp.where(taken_Bxk, -1, idx_Bxk)
 
 
+def _check_csr(name: str, indptr, items, rows: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+  """A CSR of ``rows`` rows of candidate indices in [0, n), checked."""
+  indptr, items = np.asarray(indptr), np.asarray(items)
+  if (indptr.ndim != 1 or indptr.shape[0] != rows + 1
+      or not np.issubdtype(indptr.dtype, np.integer)):
+    raise ValueError(f"{name}_indptr must be a 1-D integer array of length {rows + 1} (one row "
+                     f"per test interaction, plus one), got shape {indptr.shape} dtype "
+                     f"{indptr.dtype}; build it with history.online_history.")
+  if items.ndim != 1 or (items.size and not np.issubdtype(items.dtype, np.integer)):
+    raise ValueError(f"{name}_items must be a 1-D integer array, got shape {items.shape} dtype "
+                     f"{items.dtype}.")
+  if indptr[0] != 0 or np.any(np.diff(indptr) < 0) or indptr[-1] != items.shape[0]:
+    raise ValueError(f"{name}_indptr must start at 0, never decrease and end at "
+                     f"len({name}_items)={items.shape[0]}; build it with "
+                     "history.online_history.")
+  if items.size and (items.min() < 0 or items.max() >= n):
+    raise ValueError(f"{name}_items holds values in [{items.min()}, {items.max()}] but must be "
+                     f"candidate indices in [0, N={n}).")
+  return indptr, items
+
+
+def _resolve_protocols(protocols, have_history: bool) -> tuple[str, ...]:
+  """The protocols to compute, in ``PROTOCOLS`` order."""
+  if protocols is None:
+    return PROTOCOLS if have_history else PROTOCOLS[:2]
+  wanted = [protocols] if isinstance(protocols, str) else list(protocols)
+  unknown = [p for p in wanted if p not in PROTOCOLS]
+  if unknown or not wanted:
+    raise ValueError(f"protocols={wanted} must be a non-empty subset of {PROTOCOLS}.")
+  if "exclude_history" in wanted and not have_history:
+    raise ValueError("protocol 'exclude_history' needs each test interaction's online history: "
+                     "pass history_indptr and history_items (history.online_history).")
+  return tuple(p for p in PROTOCOLS if p in wanted)
+
+
 def _check_protocol_inputs(true_B, user_ids_B, seen_indptr, seen_items, item_counts_N, ks,
                            q_BxD, c_NxD, score_fn, batch_size):
   """``evaluate_protocols``' arguments, checked and as arrays."""
@@ -434,46 +473,72 @@ def _check_protocol_inputs(true_B, user_ids_B, seen_indptr, seen_items, item_cou
   return true_B, user_ids_B, seen_indptr, seen_items, counts_N, c_NxD, ks
 
 
-def _score_fn_batch(score_fn, users_b, true_b, seen_indptr, seen_items, width, counts_N, kmax):
-  """Ranks and top-k statistics of a batch under each protocol, from a score function.
+def _checked_scores(scores, rows: int, n: int, name: str, per: str) -> np.ndarray:
+  scores = np.asarray(scores)
+  if scores.shape != (rows, n):
+    raise ValueError(f"{name} returned shape {scores.shape}, expected ({rows}, {n}): "
+                     f"one row of N candidate scores per {per} passed.")
+  if np.isnan(scores).any():
+    raise ValueError(f"{name} returned NaN scores; fix it (use -inf, not NaN, for "
+                     "candidates it rules out).")
+  return scores
 
-  Each distinct user of the batch is scored once; its top-k list is weighted by its
-  number of interactions in the batch.
+
+def _score_fn_batch(score_fn, history_score_fn, rows_b, users_b, true_b, seen_indptr,
+                    seen_items, hist_bxE, protocols, size, counts_N, kmax):
+  """Ranks and top-k statistics of a batch under each protocol, from score functions.
+
+  For include_seen and exclude_seen each distinct user of the batch is scored once
+  (``score_fn``) and its top-k list is weighted by its number of interactions in the
+  batch. exclude_history ranks each interaction on its own (its exclusions are its own):
+  scored by ``history_score_fn(rows_b)`` if given, else by its user's scores; its top-k
+  lists are padded to ``size`` rows (one compiled shape).
   """
   n = counts_N.shape[0]
-  uniq_u, inv_b = np.unique(users_b, return_inverse=True)
-  inv_b = inv_b.reshape(-1)
-  u = uniq_u.shape[0]
-  scores_uxN = np.asarray(score_fn(uniq_u))
-  if scores_uxN.shape != (u, n):
-    raise ValueError(f"score_fn returned shape {scores_uxN.shape}, expected ({u}, {n}): "
-                     "one row of N candidate scores per user passed.")
-  if np.isnan(scores_uxN).any():
-    raise ValueError("score_fn returned NaN scores; fix it (use -inf, not NaN, for "
-                     "candidates it rules out).")
-  excl_uxE = gather_csr(seen_indptr, seen_items, uniq_u, width)
-  weight_u = np.bincount(inv_b, minlength=u)
+  m = users_b.shape[0]
+  user_protocols = [p for p in protocols if p != "exclude_history"]
   out = {}
-  for p, ex_uxE in (("include_seen", None), ("exclude_seen", excl_uxE)):
-    mask_uxN = _exclusion_mask(ex_uxE, u, n)
+  if user_protocols or history_score_fn is None:
+    uniq_u, inv_b = np.unique(users_b, return_inverse=True)
+    inv_b = inv_b.reshape(-1)
+    u = uniq_u.shape[0]
+    scores_uxN = _checked_scores(score_fn(uniq_u), u, n, "score_fn", "user")
+    seen_len = np.diff(seen_indptr)[uniq_u]
+    excl_uxE = gather_csr(seen_indptr, seen_items, uniq_u, max(1, int(seen_len.max())))
+    weight_u = np.bincount(inv_b, minlength=u)
     t_b = scores_uxN[inv_b, true_b]
-    higher_bxN = (scores_uxN[inv_b] > t_b[:, None]) & ~mask_uxN[inv_b]
     bucket = arrays.size_bucket(u)
-    topk_uxk = np.asarray(_top_k_masked(arrays.pad_rows(scores_uxN, bucket, 0),
-                                        arrays.pad_rows(mask_uxN, bucket, False), kmax))[:u]
-    # The true one is never higher than itself.
-    out[p] = (higher_bxN.sum(1), _topk_stats(topk_uxk, counts_N, weight_u))
+    for p in user_protocols:
+      mask_uxN = _exclusion_mask(excl_uxE if p == "exclude_seen" else None, u, n)
+      higher_bxN = (scores_uxN[inv_b] > t_b[:, None]) & ~mask_uxN[inv_b]
+      topk_uxk = np.asarray(_top_k_masked(arrays.pad_rows(scores_uxN, bucket, 0),
+                                          arrays.pad_rows(mask_uxN, bucket, False), kmax))[:u]
+      # The true one is never higher than itself.
+      out[p] = (higher_bxN.sum(1), _topk_stats(topk_uxk, counts_N, weight_u))
+  if "exclude_history" in protocols:
+    if history_score_fn is not None:
+      s_bxN = _checked_scores(history_score_fn(rows_b), m, n, "history_score_fn",
+                              "test interaction")
+    else:
+      s_bxN = scores_uxN[inv_b]
+    mask_bxN = _exclusion_mask(hist_bxE, m, n)
+    t_b = s_bxN[np.arange(m), true_b]
+    higher_bxN = (s_bxN > t_b[:, None]) & ~mask_bxN
+    topk_bxk = np.asarray(_top_k_masked(arrays.pad_rows(s_bxN, size, 0),
+                                        arrays.pad_rows(mask_bxN, size, False), kmax))[:m]
+    out["exclude_history"] = (higher_bxN.sum(1), _topk_stats(topk_bxk, counts_N))
   return out
 
 
-def _embedding_batch(q_bxD, c_NxD, true_b, excl_bxE, size, counts_N, kmax, chunk_size):
-  """Ranks and top-k statistics of a batch under each protocol, from embeddings
-  (the batch padded to ``size`` rows: one compiled shape)."""
+def _embedding_batch(q_bxD, c_NxD, true_b, excl, size, counts_N, kmax, chunk_size):
+  """Ranks and top-k statistics of a batch under each protocol (``excl``: protocol ->
+  [b, E] exclusions or None), from embeddings (the batch padded to ``size`` rows: one
+  compiled shape)."""
   m = q_bxD.shape[0]
   q_bxD = arrays.pad_rows(q_bxD, size, 0)
   true_p = arrays.pad_rows(true_b, size, 0)
   out = {}
-  for p, ex in (("include_seen", None), ("exclude_seen", excl_bxE)):
+  for p, ex in excl.items():
     ex_p = None if ex is None else arrays.pad_rows(ex, size, -1)
     ranks_b = true_ranks(q_bxD, c_NxD, true_p, exclude_BxE=ex_p, chunk_size=chunk_size)[:m]
     _, topk = index.exact_top_k(q_bxD, c_NxD, kmax, exclude=ex_p)
@@ -483,9 +548,11 @@ def _embedding_batch(q_bxD, c_NxD, true_b, excl_bxE, size, counts_N, kmax, chunk
 
 def evaluate_protocols(true_B, user_ids_B, seen_indptr, seen_items, item_counts_N, *,
                        ks: Sequence[int] = DEFAULT_KS, q_BxD=None, c_NxD=None,
-                       score_fn: ScoreFn | None = None, batch_size: int = 1024,
+                       score_fn: ScoreFn | None = None, history_indptr=None,
+                       history_items=None, history_score_fn: HistoryScoreFn | None = None,
+                       protocols: Sequence[str] | None = None, batch_size: int = 1024,
                        chunk_size: int | None = None) -> dict[str, float]:
-  """Both protocols' metrics for a model (q_BxD, c_NxD) or a score function.
+  """Every protocol's metrics for a model (q_BxD, c_NxD) or a score function.
 
   Args:
     true_B: true candidate index of each test interaction.
@@ -496,27 +563,55 @@ def evaluate_protocols(true_B, user_ids_B, seen_indptr, seen_items, item_counts_
     q_BxD, c_NxD: query embedding of each test interaction and embeddings of all
       N candidates (score = dot product); or
     score_fn: user_ids_b -> scores_bxN (numpy) for a batch of test users.
+    history_indptr, history_items: each test interaction's online history as CSR
+      with B rows (`history.online_history`: the user's training items and their test
+      items strictly before it). Given, the `exclude_history` protocol is computed too:
+      each interaction ranked against all candidates but its own history.
+    history_score_fn: optional, with score_fn: rows_b (positions in 0..B-1 of test
+      interactions) -> scores_bxN, the scores the baseline gives each of those
+      interactions from its online history; used for `exclude_history` only (default:
+      score_fn of their users).
+    protocols: which protocols to compute (default: include_seen, exclude_seen, and
+      exclude_history when the history is given).
     batch_size: test interactions scored at once.
     chunk_size: candidates scored at once by `true_ranks` in the embedding path
       (top-k lists come from `index.exact_top_k` with its own tuned sizes).
 
   Returns:
-    `<protocol>/<metric>` for protocol in ("include_seen", "exclude_seen") with the
-    `ranking_metrics` and `coverage_and_popularity` metrics, plus `top_{k}_accuracy`
-    (= `include_seen/hr_{k}`). Top-k lists are one per test interaction (a user
-    with several test interactions contributes several lists to avg_pop_k).
+    `<protocol>/<metric>` for each protocol with the `ranking_metrics` and
+    `coverage_and_popularity` metrics, plus `top_{k}_accuracy` (= `include_seen/hr_{k}`)
+    when include_seen is computed. Top-k lists are one per test interaction (a user
+    with several test interactions contributes several lists to avg_pop_k). Every
+    batch has the same shapes (exclusion lists padded to one width, the longest seen
+    list or history), so each jitted function compiles once.
   """
   true_B, user_ids_B, seen_indptr, seen_items, counts_N, c_NxD, ks = _check_protocol_inputs(
       true_B, user_ids_B, seen_indptr, seen_items, item_counts_N, ks, q_BxD, c_NxD, score_fn,
       batch_size)
+  have_history = history_indptr is not None or history_items is not None
+  if have_history and (history_indptr is None or history_items is None):
+    raise ValueError("Pass both history_indptr and history_items (history.online_history), "
+                     "or neither.")
+  if history_score_fn is not None and (score_fn is None or not have_history):
+    raise ValueError("history_score_fn goes with score_fn (a baseline) and the online "
+                     "history (history_indptr, history_items).")
+  protocols = _resolve_protocols(protocols, have_history)
+  b_total, n = true_B.shape[0], counts_N.shape[0]
+  if have_history:
+    history_indptr, history_items = _check_csr("history", history_indptr, history_items,
+                                               b_total, n)
   kmax = max(ks)
-  b_total = true_B.shape[0]
-  # One exclusion width for every batch keeps a single compiled shape.
-  seen_len = np.diff(seen_indptr)[user_ids_B]
-  width = max(1, int(seen_len.max()) if seen_len.size else 1)
+  # One exclusion width for every batch and both excluding protocols keeps a single
+  # compiled shape.
+  lens = []
+  if "exclude_seen" in protocols:
+    lens.append(np.diff(seen_indptr)[user_ids_B])
+  if "exclude_history" in protocols:
+    lens.append(np.diff(history_indptr))
+  width = max([1] + [int(x.max()) for x in lens if x.size])
 
-  ranks = {p: np.zeros((b_total,), np.int32) for p in PROTOCOLS}
-  stats = {p: None for p in PROTOCOLS}
+  ranks = {p: np.zeros((b_total,), np.int32) for p in protocols}
+  stats = {p: None for p in protocols}
   size = min(batch_size, b_total)
   # Score functions score users, not interactions: visit the interactions grouped by
   # user and score each distinct user of a batch once (its top-k list is weighted by
@@ -526,25 +621,32 @@ def evaluate_protocols(true_B, user_ids_B, seen_indptr, seen_items, item_counts_
     m = min(batch_size, b_total - s)
     rows_b = np.arange(s, s + m) if order_B is None else order_B[s:s + m]
     users_b, true_b = user_ids_B[rows_b], true_B[rows_b]
+    hist_bxE = (gather_csr(history_indptr, history_items, rows_b, width)
+                if "exclude_history" in protocols else None)
     if score_fn is not None:
-      batch = _score_fn_batch(score_fn, users_b, true_b, seen_indptr, seen_items, width,
-                              counts_N, kmax)
+      batch = _score_fn_batch(score_fn, history_score_fn, rows_b, users_b, true_b,
+                              seen_indptr, seen_items, hist_bxE, protocols, size, counts_N,
+                              kmax)
     else:
-      excl_bxE = gather_csr(seen_indptr, seen_items, users_b, width)
-      batch = _embedding_batch(np.asarray(q_BxD[s:s + m]), c_NxD, true_b, excl_bxE, size,
-                               counts_N, kmax, chunk_size)
+      excl = {"include_seen": None, "exclude_history": hist_bxE,
+              "exclude_seen": (gather_csr(seen_indptr, seen_items, users_b, width)
+                               if "exclude_seen" in protocols else None)}
+      batch = _embedding_batch(np.asarray(q_BxD[s:s + m]), c_NxD, true_b,
+                               {p: excl[p] for p in protocols}, size, counts_N, kmax,
+                               chunk_size)
     for p, (ranks_b, stats_b) in batch.items():
       ranks[p][rows_b] = ranks_b
       stats[p] = _merge(stats[p], stats_b)
 
   out = {}
-  for p in PROTOCOLS:
+  for p in protocols:
     for key, val in ranking_metrics(ranks[p], user_ids_B, ks).items():
       out[f"{p}/{key}"] = val
     for key, val in _topk_finish(*stats[p], ks).items():
       out[f"{p}/{key}"] = val
-  for k in ks:
-    out[f"top_{k}_accuracy"] = out[f"include_seen/hr_{k}"]
+  if "include_seen" in protocols:
+    for k in ks:
+      out[f"top_{k}_accuracy"] = out[f"include_seen/hr_{k}"]
   return out
 
 

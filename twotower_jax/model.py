@@ -85,9 +85,50 @@ FeatureDef = tuple[str, str, int, int, str]
 
 
 def feature_defs(specs: Mapping[str, Any], rows: Mapping[str, int]) -> tuple[FeatureDef, ...]:
-  """The tower's features, in declaration order, from their specs and embedding rows."""
-  return tuple((name, s["kind"], int(rows[name]), int(s["dim"]), str(s.get("pooling", "mean")))
+  """The tower's features, in name order, from their specs and embedding rows. A history's
+  pooling field is "<encoder>:<blocks>"."""
+  def pooling(s):
+    if s["kind"] == "history":
+      return f"{s['encoder']}:{s['blocks']}"
+    return str(s.get("pooling", "mean"))
+
+  return tuple((name, s["kind"], int(rows[name]), int(s["dim"]), pooling(s))
                for name, s in specs.items())
+
+
+class History(nn.Module):
+  """The user's recent items [B, L] (most recent last, -1 padding on the left) -> one vector:
+  their mean embedding, or (``encoder`` "attention") the last position of causal
+  self-attention blocks with learned positions (SASRec), then the most recent item's own
+  embedding beside it."""
+
+  rows: int
+  dim: int
+  encoder: str = "mean"
+  blocks: int = 1
+
+  @nn.compact
+  def __call__(self, ids_BxL: jax.Array) -> jax.Array:
+    valid_BxL = ids_BxL != PAD
+    e_BxLxD = Embed(self.rows, self.dim, name="items")(jnp.where(valid_BxL, ids_BxL, 0))
+    e_BxLxD = e_BxLxD * valid_BxL[..., None]
+    last_BxD = e_BxLxD[:, -1]
+    if self.encoder == "mean":
+      pooled_BxD = e_BxLxD.sum(1) / jnp.maximum(valid_BxL.sum(-1, keepdims=True), 1)
+    else:
+      length = ids_BxL.shape[1]
+      pos_LxD = self.param("positions", nn.initializers.normal(0.02), (length, self.dim))
+      h_BxLxD = (e_BxLxD + pos_LxD) * valid_BxL[..., None]
+      mask = nn.combine_masks(nn.make_attention_mask(valid_BxL, valid_BxL),
+                              nn.make_causal_mask(valid_BxL))
+      for b in range(self.blocks):
+        x = nn.LayerNorm(name=f"ln_attn_{b}")(h_BxLxD)
+        h_BxLxD = h_BxLxD + nn.MultiHeadDotProductAttention(num_heads=1, name=f"attn_{b}")(
+            x, mask=mask)
+        x = nn.LayerNorm(name=f"ln_ffn_{b}")(h_BxLxD)
+        h_BxLxD = h_BxLxD + MLP((self.dim, self.dim), name=f"ffn_{b}")(x)
+      pooled_BxD = nn.LayerNorm(name="ln_out")(h_BxLxD)[:, -1] * valid_BxL[:, -1:]
+    return jnp.concatenate([pooled_BxD, last_BxD], axis=-1)
 
 
 class Tower(nn.Module):
@@ -101,7 +142,10 @@ class Tower(nn.Module):
   def __call__(self, x: Mapping[str, jax.Array]) -> jax.Array:
     parts = []
     for name, kind, rows, dim, pooling in self.features:
-      if kind in ("multi_hot", "text"):
+      if kind == "history":
+        encoder, blocks = pooling.split(":")
+        parts.append(History(rows, dim, encoder, int(blocks), name=name)(x[name]))
+      elif kind in ("multi_hot", "text"):
         parts.append(_bag(name, rows, dim, x[name], pooling))
       elif rows:  # a vocabulary, a bucketized number, a timestamp's bucket
         parts.append(_embed(name, rows, dim, x[name]))

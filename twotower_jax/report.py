@@ -2,7 +2,8 @@
 
 Reads `<workdir>/metrics.json` as written by training: `config`, `split`, `seed`,
 model metrics `<protocol>/<metric>` and baseline metrics
-`<baseline>/<protocol>/<metric>` (see `metrics.evaluate_protocols`).
+`<baseline>/<protocol>/<metric>` (see `metrics.evaluate_protocols`). The tables and the
+plot show the protocols the runs hold (`exclude_history` only where it was evaluated).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def write_report(workdirs: Sequence[str], out_dir: str, *,
       all_keys.update(vals[0])
 
   present = {k.split("/", 1)[1] for k in all_keys}
+  protocols = _protocols_in(all_keys)
   if metrics is None:
     names = [m for m in _default_metrics(all_keys) if m in present]
   else:
@@ -123,7 +125,7 @@ def write_report(workdirs: Sequence[str], out_dir: str, *,
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for (config, split), by_source in agg.items():
     n_group = len(groups[(config, split)])
-    for protocol in metrics_lib.PROTOCOLS:
+    for protocol in protocols:
       for name in names:
         cells = []
         for source in SOURCES:
@@ -139,18 +141,23 @@ def write_report(workdirs: Sequence[str], out_dir: str, *,
   out.mkdir(parents=True, exist_ok=True)
   (out / "report.md").write_text(table)
   png = out / "report.png"
-  _plot(agg, png)
+  _plot(agg, png, protocols)
   return str(png), table
 
 
-def _plot(agg, png: pathlib.Path) -> None:
+def _protocols_in(keys) -> list[str]:
+  """The protocols (in `metrics.PROTOCOLS` order) of which ``keys`` hold a metric."""
+  return [p for p in metrics_lib.PROTOCOLS if any(k.startswith(p + "/") for k in keys)]
+
+
+def _plot(agg, png: pathlib.Path, protocols: Sequence[str]) -> None:
   """Bar chart of HR@k per source: one row of panels per (config, split), one column per protocol."""
   rows = list(agg)
-  fig = Figure(figsize=(6 * len(metrics_lib.PROTOCOLS), 3.5 * len(rows)), layout="constrained")
-  axes = fig.subplots(len(rows), len(metrics_lib.PROTOCOLS), squeeze=False)
+  fig = Figure(figsize=(6 * len(protocols), 3.5 * len(rows)), layout="constrained")
+  axes = fig.subplots(len(rows), len(protocols), squeeze=False)
   for r, key in enumerate(rows):
     by_source = agg[key]
-    for c, protocol in enumerate(metrics_lib.PROTOCOLS):
+    for c, protocol in enumerate(protocols):
       ax = axes[r][c]
       hr_keys = {int(m.group(1)) for a, _ in by_source.values() for k in a
                  if (m := re.fullmatch(rf"{protocol}/hr_(\d+)/mean", k))}
@@ -171,13 +178,21 @@ def _plot(agg, png: pathlib.Path) -> None:
   fig.savefig(png, dpi=100)
 
 
+_SUMMARY_TITLES = {
+    "include_seen": "top-k accuracy (TFRS protocol, seen items kept)",
+    "exclude_seen": "top-k accuracy, the user's training items excluded",
+    "exclude_history": "top-k accuracy, each interaction's online history excluded "
+                       "(training items and earlier test items)",
+}
+
+
 def print_summary(metrics) -> None:
-  """Top-k accuracy of the model beside the baselines, under both protocols."""
+  """Top-k accuracy of the model beside the baselines, under each protocol it holds."""
   ks = (1, 5, 10, 50, 100)
-  names = [("model", "")] + [(b, f"{b}/") for b in ("popularity", "itemcf")
+  names = [("model", "")] + [(b, f"{b}/") for b in ("popularity", "itemcf", "ease")
                              if f"{b}/include_seen/hr_1" in metrics]
-  for proto, title in (("include_seen", "top-k accuracy (TFRS protocol, seen items kept)"),
-                       ("exclude_seen", "top-k accuracy, the user's training items excluded")):
+  for proto in _protocols_in(metrics):
+    title = _SUMMARY_TITLES[proto]
     print(f"\n{title}\n" + " " * 12 + "".join(f"{'top-' + str(k):>9}" for k in ks))
     for name, pre in names:
       vals = [metrics.get(f"{pre}{proto}/hr_{k}") for k in ks]

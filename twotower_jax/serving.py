@@ -34,6 +34,7 @@ import pyarrow as pa
 from twotower_jax import arrays
 from twotower_jax import config as config_lib
 from twotower_jax import features as feat
+from twotower_jax import history
 from twotower_jax import index as index_lib
 from twotower_jax import model as model_lib
 
@@ -125,8 +126,17 @@ def _user_table(prep) -> dict[str, np.ndarray]:
   table = {"user_key": _plain(feat.take(train[ds.user_key], last)),
            "rated_indptr": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
            "rated_rows": prep.train_item[order].astype(np.int64)}
-  for s in prep.specs["query"].values():
-    if s.column != ds.user_key and s.column in train:
+  for name, s in prep.specs["query"].items():
+    if s.kind == "history":  # the user's last items in training, as item keys
+      seqs, width = prep.histories[name], prep.encoders[name]["width"]
+      ends = seqs.indptr_U1[1:][users]
+      item_rows = history.windows(
+          dataclasses.replace(seqs, items=prep.train_item[order].astype(np.int32)), users,
+          ends, width)
+      keys = _plain(prep.item_ids_N)[np.maximum(item_rows, 0)]
+      table[f"hist:{name}"] = np.where(item_rows >= 0, keys, "" if keys.dtype.kind == "U"
+                                       else -1)
+    elif s.column != ds.user_key and s.column in train:
       table[f"col:{s.column}"] = _plain(feat.take(train[s.column], last))
   return table
 
@@ -197,12 +207,16 @@ class Recommender:
     return self.meta["keys"]["user"]
 
   def query_columns(self) -> list[str]:
-    """The raw columns a query needs (each once)."""
-    return list(dict.fromkeys(s.column for s in self.specs.values()))
+    """The raw columns a query needs (each once); a history feature's is its name."""
+    return list(dict.fromkeys(_key(n, s) for n, s in self.specs.items()))
 
   def id_columns(self) -> list[str]:
     """Columns of ``id`` features: a query may leave them out (a new user, say)."""
     return [s.column for s in self.specs.values() if s.kind == "id"]
+
+  def history_columns(self) -> list[str]:
+    """History features (item keys, most recent last): a query may leave them out."""
+    return [n for n, s in self.specs.items() if s.kind == "history"]
 
   def known_values(self, feature: str) -> list:
     return self.encoders[feature]["vocab"].tolist()
@@ -230,6 +244,11 @@ class Recommender:
       raise ServingError(f"User {bad!r} has no training interactions, so its features are "
                          f"unknown. Pass them explicitly: {self.query_columns()}.")
     out = {k[4:]: v[rows] for k, v in self.users.items() if k.startswith("col:")}
+    for k, v in self.users.items():
+      if k.startswith("hist:"):
+        pad = "" if v.dtype.kind == "U" else -1
+        out[k[5:]] = np.array([list(row[row != pad]) for row in v[rows]] + [None],
+                              object)[:-1]
     out[self.user_key] = self.users["user_key"][rows]
     return out
 
@@ -248,7 +267,8 @@ class Recommender:
       feats = {k: list(v) for k, v in self.user_features([user_id]).items()}
       feats.update({k: [v] for k, v in values.items()})
       return feats
-    needed = [c for c in self.query_columns() if c not in self.id_columns()]
+    optional = self.id_columns() + self.history_columns()
+    needed = [c for c in self.query_columns() if c not in optional]
     missing = [c for c in needed if c not in values]
     if missing:
       who = "No user given" if user_id is None else (
@@ -272,7 +292,7 @@ class Recommender:
     cols = self._validated(features, check_range)
     xq = {}
     for name, s in self.specs.items():
-      xq.update(feat.encode(name, s, self.encoders[name], cols[s.column]))
+      xq.update(feat.encode(name, s, self.encoders[name], cols[_key(name, s)]))
     self._note_unknown(cols, xq)
     return np.asarray(_query_fn(self.tower)(self.query_params, xq))
 
@@ -280,7 +300,9 @@ class Recommender:
     if not hasattr(features, "items"):
       raise ServingError(f"Query features must be a mapping of column name to values; got "
                          f"{type(features).__name__}.")
-    cols = {str(k): _column(str(k), v) for k, v in features.items()}
+    histories = set(self.history_columns())
+    cols = {str(k): _histories(str(k), v) if k in histories else _column(str(k), v)
+            for k, v in features.items()}
     lengths = {k: len(v) for k, v in cols.items()}
     if len(set(lengths.values())) > 1:
       common = max(lengths.values(), key=list(lengths.values()).count)
@@ -289,7 +311,7 @@ class Recommender:
                          f"{'s' * (lengths[odd] != 1)} but the others have "
                          f"{common}; every column needs one value per query. Lengths: "
                          f"{lengths}.")
-    needed, ids = self.query_columns(), self.id_columns()
+    needed, ids = self.query_columns(), self.id_columns() + self.history_columns()
     missing = [c for c in needed if c not in cols and c not in ids]
     if missing:
       raise ServingError(f"Query columns missing: {missing}. This model needs {needed}"
@@ -300,12 +322,14 @@ class Recommender:
                          "query.")
     out = {}
     for name, s in self.specs.items():
-      if s.column in out:
+      key = _key(name, s)
+      if key in out:
         continue
-      col = cols.get(s.column)
+      col = cols.get(key)
       if col is None:
         col = np.full(num_q, None, object)
-      out[s.column] = _checked(s, self.encoders[name], col, check_range)
+      out[key] = (col if s.kind == "history"
+                  else _checked(s, self.encoders[name], col, check_range))
     return out
 
   def _note_unknown(self, cols: Mapping[str, Any], xq: Mapping[str, np.ndarray]) -> None:
@@ -366,6 +390,35 @@ class Recommender:
 
 # ----------------------------------------------------------------------------
 # Checking one raw column.
+
+
+def _key(name: str, s) -> str:
+  """The query dict key of a feature: its column, or for a history its name (its column is
+  the interactions' item key, which a query does not hold)."""
+  return name if s.kind == "history" else s.column
+
+
+def _histories(name: str, value: Any) -> np.ndarray:
+  """A history column: per query, a list of item keys (most recent last), a '|'-joined
+  string, or None (no history); a single list stands for one query."""
+  if isinstance(value, np.ndarray) and value.ndim == 2:
+    value = list(value)
+  elif value is None or isinstance(value, str) or (
+      isinstance(value, (list, tuple, np.ndarray)) and all(np.ndim(v) == 0 and v is not None
+                                                           and not isinstance(v, str)
+                                                           for v in value) and len(value)):
+    value = [value]
+  out = np.empty(len(value), object)
+  for q, h in enumerate(value):
+    if h is None or isinstance(h, str):
+      out[q] = [v for v in (h or "").split("|") if v]
+      continue
+    items = list(np.asarray(h).reshape(-1).tolist()) if np.ndim(h) else None
+    if items is None or any(isinstance(v, (float, bool)) for v in items):
+      raise ServingError(f"Query column {name!r} (a history) must hold, per query, a list of "
+                         f"item keys (most recent last); got {h!r} (row {q}).")
+    out[q] = items
+  return out
 
 
 def _is_int(v: Any) -> bool:

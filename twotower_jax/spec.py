@@ -19,6 +19,7 @@ The column defaults to the feature's name. Query features read the interactions 
 | ``timestamp`` | an embedding of one of ``buckets`` even time buckets plus the normalized value | ``buckets``, ``dim`` |
 | ``multi_hot`` | the pooled embeddings of the values of one column (``"Action|Comedy"``) | ``sep``, ``pooling``, ``max_values``, ``dim``, ``max_size``, ``min_count`` |
 | ``text`` | the pooled embeddings of the words of a string | ``max_words``, ``pooling``, ``dim``, ``max_size``, ``min_count`` |
+| ``history`` | the user's last items before the query (query tower only) | ``max_len``, ``encoder``, ``blocks``, ``dim``, ``min_count`` |
 
 A spec is a plain ``ml_collections.ConfigDict`` (``kind``, ``column`` and the options, every
 one present), so ``--config.features.query.age.normalize=False`` overrides work and a typo
@@ -41,9 +42,11 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "timestamp": {"buckets": 1000, "dim": 32},
     "multi_hot": {"dim": 8, "sep": "|", "pooling": "mean", "max_values": 0, **_VOCAB},
     "text": {"dim": 32, "max_words": 8, "pooling": "mean", **_VOCAB},
+    "history": {"dim": 32, "max_len": 50, "encoder": "mean", "blocks": 1, "min_count": 1},
 }
 KINDS = tuple(OPTIONS)
 POOLINGS = ("mean", "sum")
+HISTORY_ENCODERS = ("mean", "attention")
 # Kinds whose encoder is a vocabulary (an embedding table with an OOV row 0).
 VOCAB_KINDS = ("id", "categorical", "multi_hot", "text")
 
@@ -108,6 +111,16 @@ def text(column: str | None = None, **options) -> ml_collections.ConfigDict:
   return make("text", column, **options)
 
 
+def history(column: str | None = None, **options) -> ml_collections.ConfigDict:
+  """What the user did just before: their last ``max_len`` items strictly before the
+  interaction's time (training interactions only, when training; at evaluation and serving
+  also the later ones a live system knows), ``encoder`` mean or attention (causal
+  self-attention with learned positions, ``blocks`` 1 or 2), concatenated with the most
+  recent item's embedding. ``column`` is the interactions' item key; the items get a table
+  of their own (``dim``), over the items seen ``min_count`` times in training."""
+  return make("history", column, **options)
+
+
 def check_specs(tower: str, specs: Mapping[str, Any]) -> dict[str, ml_collections.ConfigDict]:
   """``specs`` with every column resolved; an error lists every unknown kind or option and
   every bad value of the tower."""
@@ -162,6 +175,11 @@ def _value_problems(s) -> list[str]:
   for key in ("normalize", "log"):
     if key in s:
       need(isinstance(s[key], bool), key, "must be True or False")
+  if s.kind == "history":
+    positive_int("max_len")
+    need(s.encoder in HISTORY_ENCODERS, "encoder",
+         f"must be one of {', '.join(HISTORY_ENCODERS)}")
+    need(s.blocks in (1, 2), "blocks", "must be 1 or 2")
   if "pooling" in s:
     need(s.pooling in POOLINGS, "pooling", f"must be one of {', '.join(POOLINGS)}")
   if s.kind == "multi_hot":

@@ -27,6 +27,7 @@ import orbax.checkpoint as ocp
 from twotower_jax import checkpoints
 from twotower_jax import config as config_lib
 from twotower_jax import evaluate
+from twotower_jax import history
 from twotower_jax import input_pipeline
 from twotower_jax import logs
 from twotower_jax import losses
@@ -103,7 +104,7 @@ def init_state(model, tx, prep: input_pipeline.Prepared, config, rng: Array | in
 
   With a ``mesh`` the state is built in place on it (``state_shardings``).
   """
-  xq = {k: v[:2] for k, v in prep.train_q.items()}
+  xq = input_pipeline.query_inputs(prep, np.arange(min(2, len(prep.train_item))))
   xc = {k: v[:2] for k, v in prep.cand.items()}
   streaming = config.loss.logq == "streaming"
   buckets = config.loss.streaming_buckets
@@ -136,8 +137,11 @@ def gather_batch(data: dict[str, Any], idx_B: Array, key: Array, num_extra: int
                  ) -> dict[str, Any]:
   """The batch ``idx_B`` (rows of the device-resident training data) and extra negatives."""
   item_B = jnp.take(data["train_item"], idx_B)
-  batch = {"item_B": item_B, "xq": _take(data["train_q"], idx_B),
-           "xc": _take(data["cand"], item_B)}
+  xq = _take(data["train_q"], idx_B)
+  for name, h in data.get("histories", {}).items():  # each example's window, gathered here
+    xq[name] = history.gather_windows(h["items"], xq.pop(f"{name}/start"),
+                                      xq.pop(f"{name}/end"), h["pos_L"])
+  batch = {"item_B": item_B, "xq": xq, "xc": _take(data["cand"], item_B)}
   if num_extra:
     extra_M = jax.random.randint(key, (num_extra,), 0, data["p_item"].shape[0])
     batch["extra_M"] = extra_M
@@ -317,7 +321,8 @@ def run_epoch(state: TrainState, step_fn, data, idx_SxB: Array, valid_SxB: Array
   training naming the step that produced it. ``carried``: the loss sum and step count of
   the part of the epoch run before a resume. ``on_step(step, state, loss, so_far)`` runs
   after each step; ``so_far()`` gives the epoch's loss sum and step count up to it (and
-  waits for the steps in flight).
+  waits for the steps in flight). When it returns True (early stopping) the epoch ends
+  after that step.
   """
   in_flight: collections.deque[Array] = collections.deque()
   values = []  # each step's loss as a Python float, once checked
@@ -332,8 +337,8 @@ def run_epoch(state: TrainState, step_fn, data, idx_SxB: Array, valid_SxB: Array
     in_flight.append(loss)
     if len(in_flight) > CHECK_LAG:
       values.append(check_finite(in_flight.popleft(), first_step + len(values) + 1))
-    if on_step is not None:
-      on_step(first_step + i + 1, state, loss, so_far)
+    if on_step is not None and on_step(first_step + i + 1, state, loss, so_far):
+      break
   while in_flight:
     values.append(check_finite(in_flight.popleft(), first_step + len(values) + 1))
   total, count = carried[0] + float(np.sum(values)), carried[1] + len(values)
@@ -385,6 +390,104 @@ def create_setup(config, prep: input_pipeline.Prepared | None = None, *,
 
 
 # ----------------------------------------------------------------------------
+# Validation and early stopping.
+
+
+@flax.struct.dataclass
+class BestState:
+  """The best validation evaluation so far, as a checkpoint holds it. The bookkeeping is in
+  host numbers (float64: a resumed run compares exactly as an uninterrupted one)."""
+
+  params: Any  # its parameters (before the first evaluation: the state's own)
+  metric: np.ndarray  # its value of train.early_stopping_metric; -inf before the first
+  step: np.ndarray  # the step it was made at; -1 before the first
+  bad_evals: np.ndarray  # evaluations since then without a gain
+
+
+@flax.struct.dataclass
+class TrainStateWithBest(TrainState):
+  """The checkpoint of a run with a validation split: its train state and ``BestState``."""
+
+  best: BestState
+
+
+class EarlyStopping:
+  """Evaluates on the validation split, keeps the best parameters, says when to stop.
+
+  Evaluations fall at each epoch's last step, or every ``train.eval_every_steps`` steps, and
+  at the last step; a gain is a value of ``train.early_stopping_metric`` above the best so
+  far. The best parameters are a device copy (the state's own are donated to the next
+  step); every checkpoint carries them and the bookkeeping (``checkpoint``), so a run
+  resumed after a kill evaluates and stops exactly as an uninterrupted one.
+  """
+
+  def __init__(self, config, run: Setup):
+    self.config, self.run = config, run
+    self.key = config.train.early_stopping_metric
+    self.patience = int(config.train.patience)
+    self.every = int(config.train.eval_every_steps) or run.steps_per_epoch
+    self.params = None  # the best parameters; None before the first evaluation
+    self.metric, self.step, self.bad_evals = float("-inf"), -1, 0
+    self.seconds = 0.0  # spent evaluating in this process
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, run.state.params)
+    self._copy = jax.jit(lambda p: jax.tree_util.tree_map(jnp.copy, p),
+                         out_shardings=shardings)
+
+  @property
+  def stopped(self) -> bool:
+    """Whether ``train.patience`` evaluations in a row brought no gain."""
+    return 0 < self.patience <= self.bad_evals
+
+  def due(self, step: int) -> bool:
+    return step % self.every == 0 or step == self.run.total_steps
+
+  def evaluate(self, state: TrainState, step: int) -> dict[str, Any]:
+    """Scores ``state`` (after ``step``) on validation and updates the best; returns the
+    log record."""
+    t0 = time.perf_counter()
+    values = evaluate.validation_metrics(self.config, self.run.prep, self.run.model,
+                                         sharding.host_params(state.params))
+    if self.key not in values:
+      raise ValueError(f"train.early_stopping_metric={self.key!r} is not among the validation "
+                       f"metrics; choose one of {', '.join(sorted(values))}.")
+    value = values[self.key]
+    if value > self.metric:  # NaN never is a gain
+      self.params, self.metric, self.step, self.bad_evals = (
+          self._copy(state.params), value, step, 0)
+    else:
+      self.bad_evals += 1
+    self.seconds += time.perf_counter() - t0
+    return {f"validation/{self.key}": value, "best_step": self.step}
+
+  def best_params(self, state: TrainState) -> Any:
+    """The best evaluation's parameters (``state``'s before any evaluation)."""
+    return state.params if self.params is None else self.params
+
+  def checkpoint(self, state: TrainState) -> TrainStateWithBest:
+    """``state`` with the best evaluation so far, as a checkpoint holds it."""
+    best = BestState(params=self.best_params(state), metric=np.asarray(self.metric, np.float64),
+                     step=np.asarray(self.step, np.int64),
+                     bad_evals=np.asarray(self.bad_evals, np.int64))
+    return TrainStateWithBest(best=best, **{f.name: getattr(state, f.name)
+                                            for f in dataclasses.fields(TrainState)})
+
+  def restore(self, saved: TrainStateWithBest) -> TrainState:
+    """Takes the best evaluation from ``saved`` (a restored ``checkpoint``); returns its
+    train state."""
+    self.metric, self.step = float(saved.best.metric), int(saved.best.step)
+    self.bad_evals = int(saved.best.bad_evals)
+    self.params = saved.best.params if self.step >= 0 else None
+    return TrainState(**{f.name: getattr(saved, f.name) for f in dataclasses.fields(TrainState)})
+
+  def summary(self, steps: int) -> dict[str, Any]:
+    """What metrics.json records of the validation and the early stopping."""
+    return {"best_step": self.step, f"best_validation/{self.key}": self.metric,
+            "stopped_early": self.stopped and steps < self.run.total_steps,
+            "num_validation": len(self.run.prep.valid_item),
+            "validation_seconds": self.seconds}
+
+
+# ----------------------------------------------------------------------------
 # The run.
 
 
@@ -396,13 +499,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   unless ``overwrite`` (then the old run is deleted first); so is one that another process
   is using (``workdir.open_run``).
   """
+  if not config.data.get("validation_fraction") and (
+      config.train.get("patience") or config.train.get("eval_every_steps")):
+    raise config_lib.ConfigError([
+        "train.patience and train.eval_every_steps need a validation split to evaluate on; "
+        "set e.g. --config.data.validation_fraction=0.1, or set them to 0."])
   workdir_path = pathlib.Path(workdir)
   primary = jax.process_index() == 0  # with several processes, one writes the files
   t_start = time.perf_counter()
   prep = input_pipeline.prepare(config)
   config_lib.check_against_data(config, prep.num_items)
   t_prepared = time.perf_counter()
-  split_files = (prep.train, prep.test) if config.data.split == "files" else ()
+  split_files = ()
+  if config.data.split == "files":
+    split_files = tuple(t for t in (prep.train, prep.validation, prep.test) if t is not None)
   fp = workdir_lib.fingerprint(config, workdir_lib.data_digest(prep.dataset, split_files))
   with workdir_lib.open_run(workdir_path, config, fp, overwrite=overwrite,
                             process_index=jax.process_index(),
@@ -418,11 +528,18 @@ def _process_0_failed(failed: bool) -> bool:
 
 def _run(config, workdir_path: pathlib.Path, prep: input_pipeline.Prepared, primary: bool,
          prepare_seconds: float) -> dict[str, Any]:
-  """Restores, trains, evaluates and writes the serving files and metrics (workdir opened)."""
+  """Restores, trains, evaluates and writes the serving files and metrics (workdir opened).
+
+  With a validation split the test split is scored once, here, with the best parameters.
+  """
   run = create_setup(config, prep)
+  early = EarlyStopping(config, run) if prep.valid_item is not None else None
   mngr = checkpoints.checkpoint_manager(workdir_path, config.train.max_checkpoints)
   try:
-    run.state = checkpoints.restore_latest(mngr, run.state)
+    if early is None:
+      run.state = checkpoints.restore_latest(mngr, run.state)
+    else:
+      run.state = early.restore(checkpoints.restore_latest(mngr, early.checkpoint(run.state)))
   except BaseException:
     mngr.close()
     raise
@@ -431,18 +548,19 @@ def _run(config, workdir_path: pathlib.Path, prep: input_pipeline.Prepared, prim
                     initial_examples=start_step * config.train.batch_size,
                     progress=config.train.progress and primary, write=primary)
   try:
-    train_seconds = _train_epochs(config, run, mngr, log)
+    train_seconds = _train_epochs(config, run, mngr, log, early)
   finally:
     mngr.close()
     log.close_progress()
 
   t_eval = time.perf_counter()
-  params = sharding.host_params(run.state.params)
+  params = sharding.host_params(run.state.params if early is None
+                                else early.best_params(run.state))
   metrics = evaluate.evaluate(config, prep, run.model, params)
   eval_seconds = time.perf_counter() - t_eval
   if primary:
     serving.save(workdir_path / "serving", config, prep, run.model, params)
-  trained_examples = (run.total_steps - start_step) * config.train.batch_size
+  trained_examples = (int(run.state.step) - start_step) * config.train.batch_size
   metrics.update({
       "config": config.name, "split": config.data.split, "seed": int(config.seed),
       "source": prep.dataset.source, "num_train": len(prep.train_item),
@@ -453,17 +571,24 @@ def _run(config, workdir_path: pathlib.Path, prep: input_pipeline.Prepared, prim
       "resumed_from_step": start_step, "steps": int(run.state.step),
       "devices": jax.device_count(), "backend": jax.default_backend(),
   })
+  if early is not None:
+    metrics.update(early.summary(int(run.state.step)))
   if primary:
     (workdir_path / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
   log.final(metrics)
   return metrics
 
 
-def _train_epochs(config, run: Setup, mngr: ocp.CheckpointManager, log: logs.RunLog) -> float:
+def _train_epochs(config, run: Setup, mngr: ocp.CheckpointManager, log: logs.RunLog,
+                  early: EarlyStopping | None = None) -> float:
   """Trains ``run.state`` from its step to the last epoch, checkpointing; returns seconds.
 
   Checkpoints (every ``checkpoint_every_steps`` and at the last step) are written only of
-  states ``make_state_check_fn`` finds good, with the epoch's losses so far.
+  states ``make_state_check_fn`` finds good, with the epoch's losses so far. With ``early``
+  (a validation split) the state is checked and evaluated on validation at each of
+  ``early``'s steps, each evaluation is logged (with its epoch's row when it falls at the
+  epoch's end), checkpoints carry the best evaluation so far, and training stops after
+  ``train.patience`` evaluations without a gain. The seconds leave the evaluations out.
   """
   b = config.train.batch_size
   num_train = len(run.prep.train_item)
@@ -471,8 +596,11 @@ def _train_epochs(config, run: Setup, mngr: ocp.CheckpointManager, log: logs.Run
   train_seconds = 0.0
   check_fn = make_state_check_fn(run.model, config.loss, run.mesh)
   rep = sharding.replicated(run.mesh)
+  first_epoch = start_step // run.steps_per_epoch
+  if early is not None and early.stopped:  # resumed from the checkpoint it stopped at
+    first_epoch = config.train.num_epochs
 
-  for epoch in range(start_step // run.steps_per_epoch, config.train.num_epochs):
+  for epoch in range(first_epoch, config.train.num_epochs):
     idx_SxB, valid_SxB = input_pipeline.epoch_batches(num_train, b, config.seed, epoch)
     first = max(start_step - epoch * run.steps_per_epoch, 0)
     idx_SxB = sharding.put_batches(idx_SxB[first:], run.mesh)
@@ -481,29 +609,54 @@ def _train_epochs(config, run: Setup, mngr: ocp.CheckpointManager, log: logs.Run
     carried = (0.0, 0)
     if first:  # resumed mid-epoch: the checkpoint carries the epoch's losses so far
       carried = (float(run.state.epoch_loss_sum), int(run.state.epoch_loss_steps))
+    at_end: dict[str, Any] = {}  # an evaluation at the epoch's last step, for its row
 
-    def on_step(step, state, loss, so_far, idx_SxB=idx_SxB, valid_SxB=valid_SxB, base=base):
+    def on_step(step, state, loss, so_far, idx_SxB=idx_SxB, valid_SxB=valid_SxB, base=base,
+                epoch=epoch, at_end=at_end) -> bool:
       log.progress(b)
-      last = step == run.total_steps
-      if step % config.train.checkpoint_every_steps == 0 or last:
+      checked = stop = False
+      if early is not None and early.due(step):
+        # Only a state known good is evaluated (and may become the best).
         check_finite(loss, step)
         check_state(check_fn, state, run.data, idx_SxB, valid_SxB, step - base - 1, step)
+        checked = True
+        record = early.evaluate(state, step)
+        stop = early.stopped and step < run.total_steps
+        if step == (epoch + 1) * run.steps_per_epoch or stop:
+          at_end.update(record)
+        else:
+          loss_sum, loss_steps = so_far()
+          log.epoch({"epoch": epoch + 1, "step": step, "loss": loss_sum / loss_steps, **record})
+      last = step == run.total_steps or stop
+      if step % config.train.checkpoint_every_steps == 0 or last:
+        if not checked:
+          check_finite(loss, step)
+          check_state(check_fn, state, run.data, idx_SxB, valid_SxB, step - base - 1, step)
         loss_sum, loss_steps = so_far()
         state = state.replace(epoch_loss_sum=sharding.to_devices(np.float32(loss_sum), rep),
                               epoch_loss_steps=sharding.to_devices(np.int32(loss_steps), rep))
-        mngr.save(step, args=ocp.args.StandardSave(state), force=last)
+        saved = state if early is None else early.checkpoint(state)
+        mngr.save(step, args=ocp.args.StandardSave(saved), force=last)
+      return stop
 
     t0 = time.perf_counter()
+    eval_before = early.seconds if early is not None else 0.0
     run.state, epoch_loss = run_epoch(run.state, run.step_fn, run.data, idx_SxB, valid_SxB,
                                       base, on_step, carried)
     jax.block_until_ready(run.state)
     seconds = time.perf_counter() - t0
+    if early is not None:
+      seconds -= early.seconds - eval_before
     train_seconds += seconds
-    n_ex = int(jnp.sum(valid_SxB))
+    n_ex = int(jnp.sum(valid_SxB[:int(run.state.step) - base]))
     log.epoch({"epoch": epoch + 1, "step": int(run.state.step), "loss": epoch_loss,
-               "examples_per_second": n_ex / max(seconds, 1e-9), "epoch_seconds": seconds})
+               "examples_per_second": n_ex / max(seconds, 1e-9), "epoch_seconds": seconds,
+               **at_end})
+    if early is not None and early.stopped:
+      break
   final_step = int(run.state.step)
   if final_step not in mngr.all_steps():  # nothing trained: the initial state
-    mngr.save(final_step, args=ocp.args.StandardSave(run.state), force=True)
+    saved = run.state if early is None else early.checkpoint(run.state)
+    mngr.save(final_step, args=ocp.args.StandardSave(saved), force=True)
   mngr.wait_until_finished()
   return train_seconds

@@ -153,7 +153,9 @@ def stored_fingerprint(workdir: pathlib.Path) -> dict[str, Any] | None:
   WorkdirError when it holds run files that nothing identifies."""
   path = workdir / FINGERPRINT_FILE
   if path.is_file():
-    return json.loads(path.read_text())
+    stored = json.loads(path.read_text())
+    # Keys added since it was written (e.g. data.validation_fraction) read their defaults.
+    return {**stored, "config": config_fingerprint(stored["config"])}
   if (workdir / CONFIG_FILE).is_file():
     return {"config": config_fingerprint(json.loads((workdir / CONFIG_FILE).read_text())),
             "data": None}

@@ -1,8 +1,9 @@
 """Every data source, in one table, and the config-driven entry points.
 
 ``load_dataset(config.data)`` loads ``data.source``; ``train_test(config.data,
-dataset, seed)`` splits it per ``data.split``. A data config lacking a key
-reads the default of :func:`twotower_jax.config.base_config` (``.data``).
+dataset, seed)`` splits it per ``data.split``, and ``train_validation_test`` also holds
+``data.validation_fraction`` of the training part out for validation. A data config
+lacking a key reads the default of :func:`twotower_jax.config.base_config` (``.data``).
 """
 
 from __future__ import annotations
@@ -165,3 +166,21 @@ def train_test(data_cfg, dataset: Dataset, seed: int) -> tuple[Columns, Columns]
       test_size=int(_cfg(data_cfg, "test_size")),
       user_key=dataset.user_key, time_key=dataset.time_key)
   return take_rows(dataset.ratings, train_idx), take_rows(dataset.ratings, test_idx)
+
+
+def train_validation_test(data_cfg, dataset: Dataset, seed: int
+                          ) -> tuple[Columns, Columns | None, Columns]:
+  """(train, validation, test) ``ratings`` columns: ``train_test``'s split, then
+  ``data_cfg.validation_fraction`` of its training part held out for validation
+  (``splits.validation_indices``: the latest part by time for temporal splits, a seeded
+  random part otherwise). Validation is None when the fraction is 0; test is the same
+  either way.
+  """
+  train, test = train_test(data_cfg, dataset, seed)
+  fraction = float(_cfg(data_cfg, "validation_fraction"))
+  if not fraction:
+    return train, None, test
+  train_idx, valid_idx = splits.validation_indices(
+      train, _cfg(data_cfg, "split"), seed=seed, fraction=fraction,
+      user_key=dataset.user_key, time_key=dataset.time_key)
+  return take_rows(train, train_idx), take_rows(train, valid_idx), test

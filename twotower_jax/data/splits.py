@@ -1,4 +1,5 @@
-"""Train/test splits of the ratings: seeded, random, temporal, leave-last-out."""
+"""Train/test splits of the ratings: seeded, random, temporal, per-user temporal,
+leave-last-out."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from twotower_jax.data.dataset import DataError, key_codes
 
 _log = logging.getLogger(__name__)
 
-SPLIT_KINDS = ("seed", "random", "temporal", "leave_last_out")
+SPLIT_KINDS = ("seed", "random", "temporal", "user_temporal", "leave_last_out")
+# split 'user_temporal': users with fewer interactions stay entirely in training.
+USER_TEMPORAL_MIN_INTERACTIONS = 5
 
 
 def _num_rows(ratings: Mapping[str, np.ndarray], user_key: str) -> int:
@@ -44,8 +47,11 @@ def split_indices(ratings: Mapping[str, np.ndarray], kind: str, *, seed: int,
   remaining 20,000 of 100K: pass ``test_size=20_000`` to match its sizes; the
   permutation itself differs from TensorFlow's), ``random`` (seeded,
   ``test_fraction`` test), ``temporal`` (latest ``test_fraction`` by timestamp
-  is test; ties by position), ``leave_last_out`` (each user's latest rating is
-  test; ties by position; single-rating users stay in train).
+  is test; ties by position), ``user_temporal`` (each user's latest ``test_fraction``
+  of their ratings, rounded half up, at least one and never all, is test; ties by
+  position; users with fewer than ``USER_TEMPORAL_MIN_INTERACTIONS`` ratings stay in
+  train), ``leave_last_out`` (each user's latest rating is test; ties by position;
+  single-rating users stay in train).
   """
   n = _num_rows(ratings, user_key)
   if kind == "seed":
@@ -60,7 +66,8 @@ def split_indices(ratings: Mapping[str, np.ndarray], kind: str, *, seed: int,
     n_test = _fraction_count(n, test_fraction)
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[n_test:]), np.sort(perm[:n_test])
-  if kind in ("temporal", "leave_last_out") and (not time_key or time_key not in ratings):
+  if kind in ("temporal", "user_temporal", "leave_last_out") and (
+      not time_key or time_key not in ratings):
     raise DataError(f"split {kind!r} needs a timestamp column ({time_key or 'none is set'}); "
                     f"the interactions have {sorted(ratings)}. Fix: set data.time_key, or use "
                     "split='random'.")
@@ -68,6 +75,8 @@ def split_indices(ratings: Mapping[str, np.ndarray], kind: str, *, seed: int,
     n_test = _fraction_count(n, test_fraction)
     order = np.argsort(np.asarray(ratings[time_key]), kind="stable")
     return np.sort(order[:n - n_test]), np.sort(order[n - n_test:])
+  if kind == "user_temporal":
+    return _user_temporal(ratings, n, test_fraction, user_key, time_key)
   if kind == "leave_last_out":
     users_N = key_codes(ratings[user_key])
     order = np.lexsort((np.arange(n), np.asarray(ratings[time_key]), users_N))
@@ -84,6 +93,26 @@ def split_indices(ratings: Mapping[str, np.ndarray], kind: str, *, seed: int,
     return np.sort(order[~test_sorted]), test
   raise DataError(f"unknown split {kind!r}. Fix: set --config.data.split to one of "
                   f"{', '.join(SPLIT_KINDS)} or 'files'.")
+
+
+def _user_temporal(ratings, n: int, test_fraction: float, user_key: str, time_key: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """split 'user_temporal' (see `split_indices`), vectorised over users."""
+  if not 0.0 < test_fraction < 1.0:
+    raise DataError(f"test_fraction={test_fraction} must be strictly between 0 and 1. "
+                    "Fix: set --config.data.test_fraction=0.2 (for example).")
+  users_N = np.unique(key_codes(ratings[user_key]), return_inverse=True)[1].reshape(-1)
+  order = np.lexsort((np.arange(n), np.asarray(ratings[time_key]), users_N))
+  users_sorted = users_N[order]
+  counts_U = np.bincount(users_N)
+  rank_N = np.arange(n) - (np.cumsum(counts_U) - counts_U)[users_sorted]  # in user's order
+  n_test_U = np.clip(np.floor(test_fraction * counts_U + 0.5), 1, counts_U - 1)
+  n_test_U = np.where(counts_U >= USER_TEMPORAL_MIN_INTERACTIONS, n_test_U, 0)
+  test_sorted = rank_N >= (counts_U - n_test_U)[users_sorted]
+  if not test_sorted.any():
+    raise DataError(f"split 'user_temporal': no user has {USER_TEMPORAL_MIN_INTERACTIONS} or "
+                    "more ratings, so the test set is empty. Fix: use split='random'.")
+  return np.sort(order[~test_sorted]), np.sort(order[test_sorted])
 
 
 def warn_unseen_in_train(train: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray],
@@ -106,3 +135,49 @@ def warn_unseen_in_train(train: Mapping[str, np.ndarray], test: Mapping[str, np.
         "cold start.", test_path, n, np.unique(test_users[new_user_N]).size,
         np.unique(test_movies[new_movie_N]).size, train_path, train_path)
   return n
+
+
+def validation_indices(ratings: Mapping[str, np.ndarray], kind: str, *, seed: int,
+                       fraction: float, user_key: str = "user_id",
+                       time_key: str = "timestamp") -> tuple[np.ndarray, np.ndarray]:
+  """(train_idx, valid_idx) into the training ``ratings``: ``fraction`` of them held out for
+  validation, each sorted ascending, disjoint.
+
+  Like the train/test split ``kind`` it follows: for ``temporal`` and ``leave_last_out`` the
+  latest ``fraction`` by timestamp (ties by position), for ``user_temporal`` each user's
+  latest share (at least one rating of each user stays in training), for any other kind
+  (``seed``, ``random``, ``files``) a seeded random share, drawn apart from the test split's.
+  """
+  n = _num_rows(ratings, user_key)
+  if not 0.0 < fraction < 1.0:
+    raise DataError(f"validation_fraction={fraction} must be strictly between 0 and 1 to hold "
+                    "out a validation split. Fix: set --config.data.validation_fraction=0.1 "
+                    "(for example), or 0 for none.")
+  by_time = kind in ("temporal", "leave_last_out", "user_temporal")
+  if by_time and (not time_key or time_key not in ratings):
+    raise DataError(f"a validation split of split {kind!r} needs a timestamp column "
+                    f"({time_key or 'none is set'}). Fix: set data.time_key, or use "
+                    "split='random'.")
+  if kind == "user_temporal":
+    users_N = np.unique(key_codes(ratings[user_key]), return_inverse=True)[1].reshape(-1)
+    order = np.lexsort((np.arange(n), np.asarray(ratings[time_key]), users_N))
+    users_sorted = users_N[order]
+    counts_U = np.bincount(users_N)
+    starts_U = np.concatenate([[0], np.cumsum(counts_U)[:-1]])
+    rank_N = np.arange(n) - starts_U[users_sorted]  # position in the user's own time order
+    n_valid_U = np.minimum(np.floor(fraction * counts_U + 0.5), counts_U - 1)
+    valid_sorted = rank_N >= (counts_U - n_valid_U)[users_sorted]
+    if not valid_sorted.any():
+      raise DataError(f"validation_fraction={fraction} of each user's ratings leaves no "
+                      "validation rating. Fix: raise --config.data.validation_fraction.")
+    return np.sort(order[~valid_sorted]), np.sort(order[valid_sorted])
+  n_valid = round(fraction * n)
+  if n_valid < 1 or n_valid >= n:
+    raise DataError(f"validation_fraction={fraction} of {n} training ratings leaves {n_valid} "
+                    f"validation and {n - n_valid} training ratings; both need at least one. "
+                    "Fix: change --config.data.validation_fraction or use more data.")
+  if by_time:
+    order = np.argsort(np.asarray(ratings[time_key]), kind="stable")
+  else:
+    order = np.random.default_rng([seed, 1]).permutation(n)
+  return np.sort(order[:n - n_valid]), np.sort(order[n - n_valid:])
