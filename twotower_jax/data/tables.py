@@ -194,50 +194,65 @@ def load_tables(data_cfg, resolve) -> Dataset:
   if data_cfg.weight_key:
     cols[data_cfg.weight_key] = numeric_column(events, path, data_cfg.weight_key,
                                                "data.weight_key")
-  if data_cfg.items_file:
-    items_path = resolve(data_cfg.items_file)
-    items_table = read_table(items_path, "items")
-    items = columns_of(items_table)
-    items[item_key] = key_column(items_table, items_path, item_key, "data.item_key")
-    _unique_keys(items[item_key], items_path, item_key)
-    rows = _join_rows(cols[item_key], items[item_key], "items")
-    missing = rows < 0
-    if missing.any():
-      n, first = int(missing.sum()), _row_of(missing)
-      value = cols[item_key][first]
-      value = value.as_py() if hasattr(value, "as_py") else value.item()
-      if data_cfg.unknown_items != "drop":
-        raise DataError(
-            f"{path}: {n} interactions name items absent from {items_path} (the first, "
-            f"{value!r}, at {_line(path, first)}). Fix: add them to the items table, or set "
-            "--config.data.unknown_items=drop to drop those interactions.")
-      logging.warning("%s: dropped %d interactions whose item is not in %s.", path, n,
-                      items_path)
-      keep = np.flatnonzero(~missing)
-      cols = take(cols, keep)
-  else:
-    keys = cols[item_key]
-    uniq = pc.unique(pa.array(keys) if isinstance(keys, np.ndarray) else keys)
-    uniq = uniq.take(pc.array_sort_indices(uniq))
-    items = {item_key: uniq.to_numpy() if pa.types.is_integer(uniq.type) else uniq}
-  users = None
-  if data_cfg.users_file:
-    users_path = resolve(data_cfg.users_file)
-    users_table = read_table(users_path, "users")
-    users = columns_of(users_table)
-    users[user_key] = key_column(users_table, users_path, user_key, "data.user_key")
-    _unique_keys(users[user_key], users_path, user_key)
-    rows = _join_rows(cols[user_key], users[user_key], "users")
-    if (rows < 0).any():
-      logging.warning("%s: %d interactions are by users absent from %s; their user columns "
-                      "are empty (out-of-vocabulary, or 0 for numbers).", path,
-                      int((rows < 0).sum()), users_path)
-    for name, values in users.items():
-      if name != user_key and name not in cols:
-        cols[name] = _take_filled(values, rows)
+  items, cols = _catalogue(cols, path, data_cfg, resolve)
+  users, cols = _join_users(cols, path, data_cfg, resolve)
   return Dataset(ratings=cols, movies=items, genre_names=(), source="tables", users=users,
                  user_key=user_key, item_key=item_key, time_key=data_cfg.time_key,
                  weight_key=data_cfg.weight_key)
+
+
+def _keyed_table(path: pathlib.Path, what: str, key: str, role: str) -> Columns:
+  """A table with one row per ``key`` (an error names the first repeated key)."""
+  table = read_table(path, what)
+  cols = columns_of(table)
+  cols[key] = key_column(table, path, key, role)
+  _unique_keys(cols[key], path, key)
+  return cols
+
+
+def _catalogue(cols: Columns, path, data_cfg, resolve) -> tuple[Columns, Columns]:
+  """(items, interactions): the items table, or the interacted items without one; the
+  interactions of items outside it stop the run (or are dropped, ``unknown_items=drop``)."""
+  item_key = data_cfg.item_key
+  if not data_cfg.items_file:
+    keys = cols[item_key]
+    uniq = pc.unique(pa.array(keys) if isinstance(keys, np.ndarray) else keys)
+    uniq = uniq.take(pc.array_sort_indices(uniq))
+    return {item_key: uniq.to_numpy() if pa.types.is_integer(uniq.type) else uniq}, cols
+  items_path = resolve(data_cfg.items_file)
+  items = _keyed_table(items_path, "items", item_key, "data.item_key")
+  missing = _join_rows(cols[item_key], items[item_key], "items") < 0
+  if missing.any():
+    n, first = int(missing.sum()), _row_of(missing)
+    value = cols[item_key][first]
+    value = value.as_py() if hasattr(value, "as_py") else value.item()
+    if data_cfg.unknown_items != "drop":
+      raise DataError(
+          f"{path}: {n} interactions name items absent from {items_path} (the first, "
+          f"{value!r}, at {_line(path, first)}). Fix: add them to the items table, or set "
+          "--config.data.unknown_items=drop to drop those interactions.")
+    logging.warning("%s: dropped %d interactions whose item is not in %s.", path, n,
+                    items_path)
+    cols = take(cols, np.flatnonzero(~missing))
+  return items, cols
+
+
+def _join_users(cols: Columns, path, data_cfg, resolve) -> tuple[Columns | None, Columns]:
+  """(users, interactions with the users' columns joined in by key)."""
+  if not data_cfg.users_file:
+    return None, cols
+  user_key, users_path = data_cfg.user_key, resolve(data_cfg.users_file)
+  users = _keyed_table(users_path, "users", user_key, "data.user_key")
+  rows = _join_rows(cols[user_key], users[user_key], "users")
+  if (rows < 0).any():
+    logging.warning("%s: %d interactions are by users absent from %s; their user columns "
+                    "are empty (out-of-vocabulary, or 0 for numbers).", path,
+                    int((rows < 0).sum()), users_path)
+  cols = dict(cols)
+  for name, values in users.items():
+    if name != user_key and name not in cols:
+      cols[name] = _take_filled(values, rows)
+  return users, cols
 
 
 def take(cols: Columns, idx: np.ndarray) -> Columns:
