@@ -270,6 +270,9 @@ def test_recommend_serves_timestamps_outside_the_training_range(trained, flag):
   top = ranked_lists(proc.stdout)["Top 3"]
   assert [r for r, _, _ in top] == [1, 2, 3] and len({t for _, _, t in top}) == 3
   assert "outside the range" not in proc.stderr and "error:" not in proc.stderr
+  # Far beyond one training span either way: served with the value clipped, and said so.
+  assert "more than one training span from the training times" in proc.stderr
+  assert "its value is clipped to" in proc.stderr
 
 
 @pytest.mark.parametrize("flag, expected", [

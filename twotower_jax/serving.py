@@ -475,6 +475,14 @@ def _checked(s, enc: Mapping[str, Any], col: np.ndarray, check_range: bool):
             f"Query column {s.column!r} is {_fmt(values[bad[0]])} (row {int(bad[0])}), "
             f"outside the range seen in training: {_fmt(lo_hi[0])} to {_fmt(lo_hi[1])}. "
             "Pass a value in that range.")
+    if s.kind == "timestamp" and lo_hi is not None:
+      lo, hi = lo_hi[0] - (lo_hi[1] - lo_hi[0]), lo_hi[1] + (lo_hi[1] - lo_hi[0])
+      far = np.flatnonzero((values < lo) | (values > hi))
+      if far.size:
+        _log.warning("Query column %r is %s (row %d), more than one training span from the "
+                     "training times (%s to %s): its value is clipped to %s to %s.", s.column,
+                     _fmt(values[far[0]]), int(far[0]), _fmt(lo_hi[0]), _fmt(lo_hi[1]),
+                     _fmt(lo), _fmt(hi))
     return values
   if s.kind in ("multi_hot", "text"):
     if col.dtype.kind == "U":
