@@ -45,15 +45,16 @@ def test_hashing_is_stable_and_in_range():
   assert words[0] == words[2] and 1 <= words.min() and words.max() <= 7
 
 
-def test_discretize_matches_keras_bucket_boundaries():
-  enc = {"kind": "discretize", "boundaries": np.array([0.0, 10.0, 100.0])}
+def test_bucket_boundaries_match_keras_discretization():
+  s = spec.numeric("x", boundaries=(0.0, 10.0, 100.0))
+  x = np.array([-5, 10000, 150, 10, 5, 100])
   # Keras Discretization docs: [-5, 10000, 150, 10, 5, 100] -> [0, 3, 3, 2, 1, 3].
-  got = feat.discretize(enc, np.array([-5, 10000, 150, 10, 5, 100]))
-  assert got.tolist() == [0, 3, 3, 2, 1, 3]
+  assert feat.encode("x", s, feat.fit(s, x), x)["x"].tolist() == [0, 3, 3, 2, 1, 3]
 
 
 def test_normalizer_stores_the_training_range():
-  enc = feat.fit_normalizer(np.array([1.0, 2.0, 3.0, 4.0]))
+  s = spec.numeric("x")
+  enc = feat.fit(s, np.array([1.0, 2.0, 3.0, 4.0]))
   assert enc["mean"] == 2.5 and enc["var"] == pytest.approx(1.25)
   assert feat.value_range(enc) == (1.0, 4.0)
   np.testing.assert_allclose(feat.normalize(enc, np.array([2.5, 3.618034])), [0.0, 1.0],

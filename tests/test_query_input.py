@@ -18,6 +18,7 @@ from twotower_jax import config as config_lib
 from twotower_jax import export
 from twotower_jax import features as feat
 from twotower_jax import serving
+from twotower_jax import spec
 from twotower_jax import train
 from conftest import write_synthetic_ml100k
 
@@ -245,7 +246,7 @@ def test_gender_as_strings_booleans_or_ints(rec):
 
 
 def test_training_range_is_stored_and_checked(rec):
-  assert feat.fit_normalizer(np.array([3.0, 1.0, 2.0]))["min"] == 1.0
+  assert feat.fit(spec.numeric("x"), np.array([3.0, 1.0, 2.0]))["min"] == 1.0
   lo, hi = feat.value_range(rec.encoders["age"])
   assert (lo, hi) == (7.0, 73.0)  # the synthetic users' ages
   for age, shown in ((-30.0, "-30"), (1e30, "1e+30"), (74.0, "74"), (6.5, "6.5")):

@@ -188,12 +188,6 @@ def lookup(enc: dict[str, Any], values) -> np.ndarray:
 # Numbers.
 
 
-def fit_normalizer(x) -> dict[str, Any]:
-  x = _numpy(x)
-  return {"kind": "normalize", "mean": float(x.mean()), "var": float(x.var()),
-          "min": float(x.min()), "max": float(x.max())}
-
-
 def normalize(enc: dict[str, Any], x) -> np.ndarray:
   std = max(np.sqrt(enc["var"]), _EPS)
   return ((_numpy(x) - enc["mean"]) / std).astype(np.float32)
@@ -210,20 +204,6 @@ def even_buckets(boundaries: np.ndarray, x: np.ndarray) -> np.ndarray:
   idx -= (idx > 0) & (x < boundaries[np.maximum(idx - 1, 0)])  # rounding: one step back
   idx += (idx < n) & (x >= boundaries[np.minimum(idx, n - 1)])  # or one step on
   return idx.astype(np.int32)
-
-
-def fit_discretizer(x, num_buckets: int) -> dict[str, Any]:
-  """Evenly spaced boundaries between the training min and max (as the TFRS notebook)."""
-  x = _numpy(x)
-  return {"kind": "discretize", "boundaries": np.linspace(x.min(), x.max(), num=num_buckets)}
-
-
-def discretize(enc: dict[str, Any], x) -> np.ndarray:
-  return np.searchsorted(enc["boundaries"], _numpy(x), side="right").astype(np.int32)
-
-
-# ----------------------------------------------------------------------------
-# Multi-valued columns: lists of values, padded to a fixed width.
 
 
 def split_values(values, sep: str):
