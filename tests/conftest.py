@@ -29,6 +29,18 @@ NON_ASCII_TITLE = "Café Crème à Noël (1994)"  # exercises the latin-1 decodi
 FIRST_TIMESTAMP = 874_724_710  # 1997-09-20, like the start of MovieLens 100K
 
 
+def tiny_config(data_dir, variant: str | None = None, **overrides):
+  """configs/tiny.py (``variant``: one of its variants) reading ``data_dir``, offline, with
+  ``overrides`` ({"train.num_epochs": 1, ...}) applied as --config.KEY=VALUE would."""
+  from twotower_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.load_config_file(REPO / "configs" / "tiny.py", variant)
+  cfg.data.dir = str(data_dir)
+  cfg.data.download = False
+  for key, value in overrides.items():
+    config_lib.set_path(cfg, key, value)
+  return cfg
+
+
 def load_benchmark(name: str = "bench"):
   """A benchmark driver from benchmarks/ (they live outside the package) as a module."""
   import importlib  # pylint: disable=g-import-not-at-top

@@ -9,6 +9,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import conftest
 from conftest import write_synthetic_ml100k
 from twotower_jax import checkpoints
 from twotower_jax import config as config_lib
@@ -30,13 +31,7 @@ VALIDATION_KEYS = {"best_step", "best_validation/exclude_seen/hr_100", "stopped_
 
 
 def tiny_config(data_dir, **overrides):
-  cfg = config_lib.load_config_file(REPO / "configs" / "tiny.py")
-  cfg.data.dir = str(data_dir)
-  cfg.data.download = False
-  cfg.eval.baselines = False
-  for key, value in overrides.items():
-    config_lib.set_path(cfg, key, value)
-  return cfg
+  return conftest.tiny_config(data_dir, **{"eval.baselines": False, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -19,18 +19,9 @@ from twotower_jax import sharding
 from twotower_jax import model as model_lib
 from twotower_jax import workdir as workdir_lib
 from twotower_jax.data import dataset
-from conftest import write_synthetic_ml100k
+from conftest import tiny_config, write_synthetic_ml100k
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def tiny_config(data_dir, **overrides):
-  cfg = config_lib.load_config_file(REPO / "configs" / "tiny.py")
-  cfg.data.dir = str(data_dir)
-  cfg.data.download = False
-  for key, value in overrides.items():
-    config_lib.set_path(cfg, key, value)
-  return cfg
 
 
 @pytest.fixture(scope="module")

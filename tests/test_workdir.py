@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+import conftest
 from conftest import write_synthetic_ml100k
 from twotower_jax import config as config_lib
 from twotower_jax import train
@@ -20,14 +21,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def tiny_config(data_dir, **overrides):
-  cfg = config_lib.load_config_file(REPO / "configs" / "tiny.py")
-  cfg.data.dir = str(data_dir)
-  cfg.data.download = False
-  cfg.train.num_epochs = 1
-  cfg.eval.baselines = False
-  for key, value in overrides.items():
-    config_lib.set_path(cfg, key, value)
-  return cfg
+  return conftest.tiny_config(data_dir, **{"train.num_epochs": 1, "eval.baselines": False,
+                                           **overrides})
 
 
 @pytest.fixture(scope="module")
