@@ -16,6 +16,10 @@ prints the device and jax version, queries/s, XLA's temp-buffer size per method
 (`compiled.memory_analysis()`), the process peak RSS (and the device's peak bytes
 on accelerators), and how far the methods' result ids agree; --out=PATH writes all
 of it as JSON. Numbers: BENCHMARKS.md ("Exact top-k index").
+
+`ann` (benchmarks/bench_ann.py) measures the approximate kinds of `twotower_jax.ann`
+(FAISS IVF, HNSW): build time, recall@k against the exact index and queries/s over a curve
+of nprobe / efSearch. Numbers: BENCHMARKS.md ("Approximate index").
 """
 
 from __future__ import annotations
@@ -364,6 +368,11 @@ def _print_report(r: dict) -> None:
   )
 
 
+def bench_ann(argv: list[str]) -> object:
+  import bench_ann as ba  # pylint: disable=g-import-not-at-top  # beside this file
+  return ba.main(argv)
+
+
 def bench_train(argv: list[str]) -> object:
   import bench_train as bt  # pylint: disable=g-import-not-at-top  # beside this file
   return bt.main(argv)
@@ -371,6 +380,7 @@ def bench_train(argv: list[str]) -> object:
 
 SUBCOMMANDS: dict[str, Callable[[list[str]], object]] = {
   "index": bench_index,
+  "ann": bench_ann,
   "train": bench_train,
 }
 

@@ -17,7 +17,8 @@ for seed in 0 1 2; do
   run seed-seedsplit configs/seed.py "$seed"
   run seed-random configs/seed.py "$seed" --config.data.split=random
   run demographic-random configs/demographic.py "$seed"
-  run demographic-temporal configs/demographic.py:temporal "$seed"
+  run demographic-temporal configs/demographic.py "$seed" --config.data.split=temporal \
+    --config.data.test_fraction=0.1
   run default-random configs/default.py "$seed"
 done
 python -m twotower_jax.main --mode=report --workdir "$out/report" \

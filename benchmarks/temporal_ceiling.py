@@ -8,7 +8,8 @@ with the global recency-weighted one. The last line is an upper bound, not a met
 100 movies most rated in the test period itself. No ranking that is the same for every query
 can do better, since its hit rate is the share of test rows whose movie is in its 100.
 
-Given the workdirs of runs of `configs/demographic.py:temporal`, it also scores each
+Given the workdirs of runs of `configs/demographic.py` on this split
+(`--config.data.split=temporal --config.data.test_fraction=0.1`), it also scores each
 model and the ensemble of all of them (per-query standardized scores, summed).
 """
 
@@ -50,7 +51,8 @@ def hit_rate_per_query(s_QxM: np.ndarray, test_movies: np.ndarray, k: int = 100)
 
 
 def main(workdirs: list[str]):
-  cfg = config_lib.load_config_file(REPO / "configs" / "demographic.py", "temporal")
+  cfg = config_lib.load_config_file(REPO / "configs" / "demographic.py")
+  cfg.data.split, cfg.data.test_fraction = "temporal", 0.1
   ds = sources.load_dataset(cfg.data)
   train, test = sources.train_test(cfg.data, ds, cfg.seed)
   t, movie = train["timestamp"].astype(np.float64), train["movie_id"]

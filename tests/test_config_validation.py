@@ -253,7 +253,7 @@ def test_choice_lists_match_the_code_that_acts_on_them():
 @pytest.mark.parametrize("name,arg", [("seed", None), ("tiny", None), ("tiny", "user_id"),
                                       ("tiny", "all"), ("default", None),
                                       ("default", "temporal"), ("demographic", None),
-                                      ("demographic", "temporal"), ("shop", None),
+                                      ("shop", None),
                                       ("shop", "csv"), ("ids", None), ("ids", "ml-25m"),
                                       ("history", None), ("history", "attention"),
                                       ("tiny", "history"), ("tiny", "attention")])

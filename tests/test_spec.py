@@ -75,11 +75,11 @@ def test_cli_typo_in_a_spec_option_names_the_feature_and_suggests(tmp_path):
 
 def test_history_options_are_checked_and_it_belongs_to_the_query_tower():
   c = config_lib.base_config()
-  c.features.query["history"] = spec.history("movie_id", encoder="gru", blocks=3)
+  c.features.query["history"] = spec.history("movie_id", encoder="lstm", blocks=3)
   c.features.candidate["past"] = spec.history("movie_id")
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(c)
   msg = str(e.value)
-  assert "features.query.history.encoder='gru': must be one of mean, attention" in msg
+  assert "features.query.history.encoder='lstm': must be one of mean, attention, gru" in msg
   assert "features.query.history.blocks=3: must be 1 or 2" in msg
   assert "features.candidate.past: a history describes the user" in msg

@@ -353,3 +353,72 @@ def evaluate_baselines(train_user_idx, train_item_idx, test_user_idx, test_item_
                                      history_score_fn=history_fn, batch_size=batch_size)
     out.update({f"{name}/{key}": val for key, val in res.items()})
   return out
+
+
+def ease_online_score_fn(train_user_idx, train_item_idx, eval_user_idx, eval_item_idx,
+                         num_users: int, num_items: int, *, train_time=None, eval_time=None,
+                         lam: float = 500.0, recency: float = 1.0) -> metrics.HistoryScoreFn:
+  """EASE fitted on the training interactions, scoring each evaluation interaction from its
+  online history (`online_histories`, recency-weighted): rows_b -> scores_bxN (float64)."""
+  tr_u, tr_i = _check_interactions(train_user_idx, train_item_idx, num_users, num_items, "train")
+  ev_u, ev_i = _check_interactions(eval_user_idx, eval_item_idx, num_users, num_items, "eval")
+  b_NxN = ease_matrix(tr_u, tr_i, num_users, num_items, lam)
+  online = online_histories(tr_u, tr_i, ev_u, ev_i, num_users, train_time=train_time,
+                            test_time=eval_time, recency=recency)
+  return _matrix_scores(online, b_NxN, _tiebreak(np.bincount(tr_i, minlength=num_items),
+                                                 _EASE_TIEBREAK))
+
+
+def given_history_baselines(train_user_idx, train_item_idx, num_users: int, num_items: int,
+                            given_user_idx, given_item_idx, test_user_idx, test_item_idx,
+                            num_given_users: int, *, given_time=None, test_time=None,
+                            online: bool = False, ks: Sequence[int] = metrics.DEFAULT_KS,
+                            ease_lambda: float = 500.0, ease_recency: float = 1.0,
+                            ease_max_items: int = 20_000, batch_size: int = 1024
+                            ) -> dict[str, float]:
+  """Popularity, item-CF and EASE for users absent from training (cold users), each known
+  by a given history: fitted on the training interactions, item-CF and EASE score every
+  test interaction of a user from that user's given items (``online``: the given items and
+  the user's test items before it, `online_histories`), EASE recency-weighted by time
+  order. Each is ranked under ``exclude_history`` (its exclusions: the given items and the
+  user's earlier test items, `history.online_history`).
+
+  ``given_*`` and ``test_*`` users are indices 0..num_given_users-1 of their own.
+  Returns ``<baseline>/exclude_history/<metric>``.
+  """
+  tr_u, tr_i = _check_interactions(train_user_idx, train_item_idx, num_users, num_items, "train")
+  g_u, g_i = _check_interactions(given_user_idx, given_item_idx, num_given_users, num_items,
+                                 "given")
+  te_u, te_i = _check_interactions(test_user_idx, test_item_idx, num_given_users, num_items,
+                                   "test")
+  counts_N = np.bincount(tr_i, minlength=num_items)
+  t_te = np.zeros(len(te_u)) if test_time is None else np.asarray(test_time, np.float64)
+  h_indptr, h_items = history.online_history(g_u, g_i, te_u, te_i, t_te, num_given_users)
+  g_indptr, g_items = metrics.seen_csr(g_u, g_i, num_given_users)
+  sim_NxN = itemcf_similarity(binary_matrix(tr_u, tr_i, num_users, num_items))
+  hist_fns = {"itemcf": (sim_NxN, _tiebreak(counts_N, _ITEMCF_TIEBREAK), 1.0)}
+  if num_items <= ease_max_items:
+    hist_fns["ease"] = (ease_matrix(tr_u, tr_i, num_users, num_items, ease_lambda),
+                        _tiebreak(counts_N, _EASE_TIEBREAK), ease_recency)
+  score_fns = {"popularity": (popularity_scores(counts_N), None)}
+  for name, (w_NxN, tiebreak_N, recency) in hist_fns.items():
+    if online:  # one history per test interaction
+      hist = online_histories(g_u, g_i, te_u, te_i, num_given_users, train_time=given_time,
+                              test_time=t_te, recency=recency)
+      score_fns[name] = (_no_user_scores, _matrix_scores(hist, w_NxN, tiebreak_N))
+    else:  # one per user: the given items
+      hist = training_histories(g_u, g_i, num_given_users, train_time=given_time,
+                                recency=recency)
+      score_fns[name] = (_matrix_scores(hist, w_NxN, tiebreak_N), None)
+  out = {}
+  for name, (fn, history_fn) in score_fns.items():
+    res = metrics.evaluate_protocols(te_i, te_u, g_indptr, g_items, counts_N, ks=ks,
+                                     score_fn=fn, history_indptr=h_indptr,
+                                     history_items=h_items, history_score_fn=history_fn,
+                                     protocols=("exclude_history",), batch_size=batch_size)
+    out.update({f"{name}/{key}": val for key, val in res.items()})
+  return out
+
+
+def _no_user_scores(user_ids_B):
+  raise AssertionError("scored per interaction (exclude_history) only")

@@ -100,6 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
   # > 0: this share of the training interactions (after the train/test split) is held out
   # for validation: the latest part for temporal splits, a seeded random part otherwise.
   c.data.validation_fraction = 0.0
+  # > 0: this share of the users (seeded, among those with more than cold_user_history
+  # interactions) is held out of training entirely; each is evaluated from their first
+  # cold_user_history interactions by time, without retraining (metrics.json cold_users/...).
+  c.data.cold_user_fraction = 0.0
+  c.data.cold_user_history = 5
   c.data.train_file = ""
   c.data.test_file = ""
   c.data.synthetic_users = 10_000
@@ -187,12 +192,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.ease_lambda = 500.0
   c.eval.ease_recency = 1.0
   c.eval.ease_max_items = 20_000
+  # Weights w of a blend of the model and EASE under exclude_history: (1 - w) * model + w *
+  # EASE, each standardized per query. Several: each scored on validation, the best one
+  # (by train.early_stopping_metric if it is an exclude_history metric, else
+  # exclude_history/hr_<largest k>) scored on test. Empty: no blend.
+  c.eval.blend_ease_weights = ()
 
   c.serve = ml_collections.ConfigDict()
   c.serve.top_n = 10
   c.serve.bottom_n = 0
   c.serve.exclude_rated = False
   c.serve.title_column = ""  # the items' title column shown by recommend ('': first text one)
+  # The index saved in the serving directory (twotower_jax/ann.py): exact, or FAISS IVF /
+  # HNSW by inner product (needs pip install 'twotower_jax[faiss]'). IVF: cells (0: about
+  # 4 sqrt(N)) and cells searched per query; HNSW: links per node and the beam widths.
+  c.serve.index = "exact"
+  c.serve.ivf_nlist = 0
+  c.serve.ivf_nprobe = 32
+  c.serve.hnsw_m = 32
+  c.serve.hnsw_ef_construction = 64
+  c.serve.hnsw_ef_search = 128
   return c
 
 
@@ -211,6 +230,7 @@ DATA_SPLITS = (*splits.SPLIT_KINDS, "files")
 LOGQ_MODES = ("none", "counts", "streaming")
 OPTIMIZERS = ("adagrad", "adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
+INDEX_KINDS = ("exact", "faiss_ivf", "faiss_hnsw")  # ann.KINDS
 
 
 class ConfigError(ValueError):
@@ -288,6 +308,14 @@ def _cutoffs(v, eg) -> str | None:
   return None
 
 
+def _blend_weights(v, eg) -> str | None:
+  del eg
+  if not isinstance(v, (tuple, list)) or not all(_is_real(w) and 0 <= w <= 1 for w in v):
+    return ("must be a tuple of weights in [0, 1] (the EASE share of a model + EASE blend), "
+            "e.g. (0.25, 0.5), or () for no blend.")
+  return None
+
+
 # A model metric where higher is better: "<protocol>/<metric>" (twotower_jax.metrics), or
 # the TFRS alias "top_<k>_accuracy".
 METRIC_KEY = re.compile(r"(?:(?:include_seen|exclude_seen|exclude_history)/"
@@ -329,6 +357,11 @@ CHECKS: dict[str, Check] = {
     "data.validation_fraction": _real(
         "a number in [0, 1): the validation share of the training part (0: none)",
         lambda x: 0 <= x < 1),
+    "data.cold_user_fraction": _real(
+        "a number in [0, 1): the share of users held out as cold users (0: none)",
+        lambda x: 0 <= x < 1),
+    "data.cold_user_history": _int_at_least(1, "an integer >= 1: each cold user's given "
+                                            "history length"),
     "data.train_file": _string("a ratings file path (split='files'), or ''"),
     "data.test_file": _string("a ratings file path (split='files'), or ''"),
     "data.synthetic_users": _POSITIVE,
@@ -382,10 +415,17 @@ CHECKS: dict[str, Check] = {
     "eval.ease_recency": _real("a number in (0, 1] (1: no recency weighting)",
                                lambda x: 0 < x <= 1),
     "eval.ease_max_items": _int_at_least(0, "an integer >= 0 (0: never run EASE)"),
+    "eval.blend_ease_weights": _blend_weights,
     "serve.top_n": _POSITIVE,
     "serve.bottom_n": _NON_NEGATIVE,
     "serve.exclude_rated": _bool,
     "serve.title_column": _string("an items column, or '' for the first text column"),
+    "serve.index": _one_of(INDEX_KINDS),
+    "serve.ivf_nlist": _int_at_least(0, "an integer >= 0 (0: about 4 sqrt(items))"),
+    "serve.ivf_nprobe": _POSITIVE,
+    "serve.hnsw_m": _int_at_least(2, "an integer >= 2"),
+    "serve.hnsw_ef_construction": _POSITIVE,
+    "serve.hnsw_ef_search": _POSITIVE,
 }
 
 
@@ -448,6 +488,8 @@ def _feature_problems(config) -> list[str]:
     if hasattr(s, "get") and s.get("kind") == "history":
       problems.append(f"features.candidate.{name}: a history describes the user, so it "
                       "belongs in features.query.")
+  problems += spec.shared_table_problems(_section(config, "features.query"),
+                                         _section(config, "features.candidate"))
   both = set(_section(config, SPEC_SECTIONS[0])) & set(_section(config, SPEC_SECTIONS[1]))
   if both:
     problems.append(f"features: {sorted(both)} named in both towers; give each feature its "
@@ -487,10 +529,25 @@ def _cross_checks(ok: dict, config) -> list[str]:
       problems.append(f"train.early_stopping_metric={ok['train.early_stopping_metric']!r}: "
                       f"its cutoff {k} is not one of eval.ks={_show(ok['eval.ks'])}; add it "
                       "to eval.ks or choose a metric at one of those cutoffs.")
+  if have("eval.blend_ease_weights", "data.validation_fraction") and (
+      len(ok["eval.blend_ease_weights"]) > 1 and not ok["data.validation_fraction"]):
+    problems.append(f"eval.blend_ease_weights={_show(ok['eval.blend_ease_weights'])}: several "
+                    "weights are chosen between on validation; set e.g. "
+                    "--config.data.validation_fraction=0.1, or give one weight.")
   if have("data.source", "data.interactions_file") and ok["data.source"] == "tables" and (
       not ok["data.interactions_file"]):
     problems.append("data.interactions_file='': data.source='tables' needs your interactions "
                     "(CSV or Parquet); set e.g. --config.data.interactions_file=events.parquet.")
+  if have("serve.index") and ok["serve.index"] != "exact" and (
+      importlib.util.find_spec("faiss") is None):
+    problems.append(f"serve.index={ok['serve.index']!r}: needs FAISS, an optional extra; "
+                    "install it with pip install 'twotower_jax[faiss]', or use "
+                    "serve.index='exact'.")
+  if have("serve.ivf_nlist", "serve.ivf_nprobe") and 0 < ok["serve.ivf_nlist"] < (
+      ok["serve.ivf_nprobe"]):
+    problems.append(f"serve.ivf_nprobe={ok['serve.ivf_nprobe']}: more cells than the "
+                    f"{ok['serve.ivf_nlist']} of serve.ivf_nlist; use at most "
+                    f"{ok['serve.ivf_nlist']}.")
   problems += _feature_problems(config)
   kinds = [s.get("kind") for t in SPEC_SECTIONS for s in _section(config, t).values()
            if hasattr(s, "get")]
@@ -552,5 +609,10 @@ def check_against_data(config: ml_collections.ConfigDict, num_items: int) -> Non
       problems.append(f"eval.ks={_show(ks)}: {', '.join(map(str, above))} "
                       f"{'is' if one else 'are'} above the {num_items} items of the catalogue; "
                       f"drop {'it' if one else 'them'} or use ks <= {num_items}.")
+  serve = config.get("serve", {})
+  if serve.get("index") == "faiss_ivf" and serve.get("ivf_nlist", 0) > num_items:
+    problems.append(f"serve.ivf_nlist={serve.ivf_nlist}: more IVF cells than the {num_items} "
+                    "items of the catalogue; use at most that (about 4 sqrt(items)), or 0 to "
+                    "choose it from the catalogue size.")
   if problems:
     raise ConfigError(problems)

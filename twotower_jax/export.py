@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from twotower_jax import arrays
+from twotower_jax import features as feat
 from twotower_jax import history
 from twotower_jax import serving
 from twotower_jax.data import dataset as dataset_lib
@@ -154,24 +155,37 @@ def export_ranker(config, serving_dir: pathlib.Path, out: pathlib.Path, *, split
 
 
 def history_windows(rec: serving.Recommender, dataset, train, test=None) -> dict:
-  """Per history feature of the model, the [Q, L] item keys (padded with -1 or '') of each
-  query's last L items strictly before it: queries are ``test`` if given, else ``train``."""
+  """Per history feature ``h`` of the model, the [Q, L] item keys (padded with -1 or '') of
+  each query's last L items strictly before it: queries are ``test`` if given, else
+  ``train``. With side columns, their raw values as "h.<column>" ([Q, L], NaN at padding);
+  with the time since, each item's time as "h.time" ([Q, L]) (``history_value_columns``)."""
   out = {}
   for name in rec.history_columns():
     if not dataset.time_key:
       raise DataError(f"the model's history feature {name!r} needs timestamps "
                       "(data.time_key).")
+    s = rec.specs[name]
     parts = [train] + ([test] if test is not None else [])
     users = dataset_lib.key_codes(pa.chunked_array(
         [pa.array(p[dataset.user_key]) for p in parts]))
     rows = np.concatenate([arrays.find_rows(rec.item_ids_N, p[dataset.item_key]) for p in parts])
     times = np.concatenate([np.asarray(p[dataset.time_key]) for p in parts])
-    seqs = history.sequences(users, rows, times, int(users.max()) + 1 if len(users) else 0)
+    # The sequences hold each interaction's row, so any column can be read at the windows.
+    seqs = history.sequences(users, np.arange(len(rows)), times,
+                             int(users.max()) + 1 if len(users) else 0)
     q = slice(len(train[dataset.item_key]), None) if test is not None else slice(None)
-    win = history.windows(seqs, users[q], history.ends(seqs, users[q], times[q]),
-                          rec.encoders[name]["width"])
+    src = history.take(seqs.items, history.positions(
+        seqs, users[q], history.ends(seqs, users[q], times[q]), rec.encoders[name]["width"]),
+        history.PAD)
+    ok, src = src >= 0, np.maximum(src, 0)
+    win = np.where(ok, rows[src], history.PAD)
     keys = rec.item_ids_N[np.maximum(win, 0)]
     out[name] = np.where(win >= 0, keys, "" if keys.dtype.kind == "U" else -1)
+    for c in feat.side_columns(s):
+      raw = np.concatenate([np.asarray(p[c], np.float64) for p in parts])
+      out[f"{name}.{c}"] = np.where(ok, raw[src], np.nan)
+    if s.get("time_since"):
+      out[f"{name}.time"] = np.where(ok, times[src], 0)
   return out
 
 
@@ -187,11 +201,15 @@ def _write_rows(f, rec: serving.Recommender, dataset, cols, n: int, *, top_n: in
   for start in range(0, n, batch_size):
     stop = min(start + batch_size, n)
     feats = {c: _plain(cols[c], start, stop) for c in qcols}
-    feats.update({c: cols[c][start:stop] for c in rec.history_columns()})
+    feats.update({c: cols[c][start:stop] for c in rec.history_columns()
+                  + rec.history_value_columns() if c in cols})
+    if rec.history_value_columns() and dataset.time_key in cols:  # the time since needs it
+      feats.setdefault(dataset.time_key, _plain(cols[dataset.time_key], start, stop))
     exclude = rec.rated(feats[user_key]) if exclude_rated else None
     # The split's own interactions, as they are (a later test period lies past the training
     # range by construction): no range check.
-    r = rec.recommend({c: feats[c] for c in rec.query_columns() if c in feats}, top_n,
+    r = rec.recommend({c: feats[c] for c in [*rec.query_columns(), *rec.history_value_columns(),
+                                             dataset.time_key] if c in feats}, top_n,
                       exclude_ids=exclude, check_range=False)
     q_R, j_R = np.nonzero(r.valid)  # every returned slot, query by query, best first
     true_Q = _plain(cols[item_key], start, stop)

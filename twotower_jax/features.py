@@ -15,7 +15,9 @@ training. Semantics follow Keras preprocessing:
 Columns may be numpy arrays or pyarrow arrays; strings are handled by pyarrow's C++
 kernels (``value_counts``, ``index_in``, ``split_pattern``), so no Python loop runs over
 rows. A feature encodes to one model input named after it (``[N]`` ints or floats, or
-``[N, L]`` ints padded with -1 for multi-valued kinds); a timestamp adds ``<name>_value``.
+``[N, L]`` ints padded with -1 for multi-valued kinds); a timestamp adds ``<name>_value``,
+a history with side columns ``<name>_side`` ([N, L, S] floats) and with ``time_since``
+``<name>_time_since`` ([N, L] floats).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from twotower_jax import history as history_lib
 from twotower_jax.data.dataset import DataError
 
 Encoders = dict[str, dict[str, Any]]
@@ -37,6 +40,8 @@ Columns = Mapping[str, Any]
 OOV = 0
 PAD = -1  # padding inside multi-valued features (tags, title words)
 VALUE_SUFFIX = "_value"  # a timestamp's normalized value input
+SIDE_SUFFIX = history_lib.SIDE_SUFFIX  # a history's per-position side columns [N, L, S]
+TIME_SINCE_SUFFIX = history_lib.TIME_SINCE_SUFFIX  # a history's time since each item [N, L]
 _EPS = 1e-7
 # Words: runs of letters, digits and apostrophes of any script ("Amélie" is one word), as
 # Keras's TextVectorization keeps accented letters when it strips punctuation. A trailing
@@ -325,8 +330,73 @@ def encode(name: str, spec, enc: dict[str, Any], values) -> dict[str, np.ndarray
     lists = tokenize(values) if kind == "text" else split_values(values, spec.sep)
     return {name: _padded(lists, enc, enc["width"])}
   if kind == "history":
-    return {name: encode_histories(enc, values)}
+    return encode_history(name, spec, enc, values)
   raise ValueError(f"Unknown feature kind {kind!r}.")
+
+
+def side_columns(spec) -> tuple[str, ...]:
+  """A history spec's side columns (none for a spec written before they existed)."""
+  return tuple(spec.get("side", ()) or ())
+
+
+def fit_side(values: list) -> dict[str, np.ndarray]:
+  """Normalization of a history's side columns, from the training interactions' values."""
+  mean, std = [], []
+  for v in values:
+    x = _numpy(v)
+    x = x[np.isfinite(x)]
+    mean.append(float(x.mean()) if x.size else 0.0)
+    std.append(float(max(x.std(), _EPS)) if x.size else 1.0)
+  return {"side_mean": np.asarray(mean, np.float64), "side_std": np.asarray(std, np.float64)}
+
+
+def side_values(enc: dict[str, Any], values: list) -> np.ndarray:
+  """[N, S] float32: each side column normalized with the training statistics; a missing
+  value (NaN, None) reads 0, the training mean."""
+  x = np.stack([_numpy(v) for v in values], -1) if values else np.zeros((0, 0))
+  z = (x - enc["side_mean"]) / enc["side_std"]
+  return np.where(np.isfinite(z), z, 0.0).astype(np.float32)
+
+
+def encode_history(name: str, spec, enc: dict[str, Any], histories) -> dict[str, np.ndarray]:
+  """The model inputs of given histories (serving): ``encode_histories``'s item rows, plus
+  with side columns ``<name>_side`` and with ``time_since`` ``<name>_time_since``. A query
+  is its item keys (a list), or a dict {"items": keys, "side": {column: values}, "times":
+  each item's time, "query_time": t}, every list aligned with the items (most recent last);
+  a missing side value or time reads the training mean."""
+  items = [h.get("items") if isinstance(h, dict) else h for h in histories]
+  out = {name: encode_histories(enc, items)}
+  side, timed = side_columns(spec), bool(spec.get("time_since", False))
+  if not side and not timed:
+    return out
+  width, num_q = enc["width"], len(histories)
+  valid_QxL = out[name] != PAD
+  side_QxLxS = np.full((num_q, width, len(side)), np.nan)
+  item_time_QxL = np.zeros((num_q, width), np.float64)
+  known_QxL = np.zeros((num_q, width), bool)
+  query_time_Q = np.zeros(num_q, np.float64)
+  for q, h in enumerate(histories):  # one query at a time: serving, not training
+    if not isinstance(h, dict):
+      continue
+    n = int(valid_QxL[q].sum())
+    for j, c in enumerate(side):
+      v = (h.get("side") or {}).get(c)
+      if v is not None and n:
+        side_QxLxS[q, width - n:, j] = _numpy([np.nan if x is None else x for x in v])[-n:]
+    times, t = h.get("times"), h.get("query_time")
+    if times is not None and t is not None and n:
+      item_time_QxL[q, width - n:] = _numpy(times)[-n:]
+      known_QxL[q, width - n:] = True
+      query_time_Q[q] = float(t)
+  if side:
+    z = side_values(enc, [side_QxLxS[..., j].reshape(-1) for j in range(len(side))])
+    out[name + SIDE_SUFFIX] = np.where(valid_QxL[..., None], z.reshape(side_QxLxS.shape), 0.0
+                                       ).astype(np.float32)
+  if timed:
+    out[name + TIME_SINCE_SUFFIX] = history_lib.time_since(
+        np.round(query_time_Q).astype(np.int64), np.round(item_time_QxL).astype(np.int64),
+        valid_QxL & known_QxL, enc["time_mean"], enc["time_std"])
+  return out
 
 
 def encode_histories(enc: dict[str, Any], histories) -> np.ndarray:
@@ -347,7 +417,7 @@ def encode_histories(enc: dict[str, Any], histories) -> np.ndarray:
                        f"numbers like {h[:1].tolist()}.")
     if len(h):
       h = h[-width:]
-      if enc["vocab"].dtype.kind in "iu" and h.dtype.kind not in "iu":
+      if "vocab" in enc and enc["vocab"].dtype.kind in "iu" and h.dtype.kind not in "iu":
         h = h.astype(np.int64)
       out[q, width - len(h):] = lookup(enc, h)
   return out
@@ -409,6 +479,13 @@ def check_columns(specs: Mapping[str, Mapping[str, Any]], interactions: Columns,
       if s.kind in ("numeric", "timestamp") and _is_string(values):
         problems.append(f"{label}: the column holds text, not numbers. Fix: declare it "
                         "categorical, or clean the column.")
+      for c in side_columns(s) if s.kind == "history" else ():
+        if c not in cols:
+          problems.append(f"{label}: side column {c!r} is not in the {where}; columns "
+                          f"there: {', '.join(sorted(cols))}.")
+        elif _is_string(cols[c]):
+          problems.append(f"{label}: side column {c!r} holds text; side columns must be "
+                          "numbers (e.g. a rating).")
       if s.kind == "categorical" and not s.hash_buckets and _distinct(values) > MAX_CATEGORIES:
         problems.append(f"{label}: {_distinct(values):,} distinct values. Fix: declare it "
                         "spec.id(...) (a large table), with hash_buckets=N for very large "
@@ -423,15 +500,25 @@ def fit_encoders(query_specs: Mapping[str, Any], candidate_specs: Mapping[str, A
 
   Query features are fitted on the training interactions; candidate features on the items
   of the training interactions (each as often as it occurs), so an item seen only at test
-  time contributes nothing, as a Keras layer adapted on the training data would.
+  time contributes nothing, as a Keras layer adapted on the training data would. A history
+  sharing a candidate feature's table (``share``) takes that feature's vocabulary, so both
+  towers look an item up at the same row; its side columns are normalized with training
+  statistics (the time-since statistics need the sequences: ``input_pipeline``).
   """
   enc: Encoders = {}
   for name, s in query_specs.items():
     enc[name] = fit(s, column(train, s.column, "interactions"))
+    if s.kind == "history" and side_columns(s):
+      enc[name].update(fit_side([column(train, c, "interactions") for c in side_columns(s)]))
   counts = np.bincount(train_item_rows, minlength=len(next(iter(items.values()))))
   rows = np.flatnonzero(counts)  # each training item once, weighted by its interactions
   for name, s in candidate_specs.items():
     enc[name] = fit(s, take(column(items, s.column, "items table"), rows), counts[rows])
+  for name, s in query_specs.items():
+    if s.kind == "history" and s.get("share"):
+      own = {k: v for k, v in enc[name].items() if k not in ("kind", "vocab", "buckets")}
+      shared = {k: v for k, v in enc[s.share].items() if k in ("kind", "vocab", "buckets")}
+      enc[name] = {**shared, **own}
   return enc
 
 

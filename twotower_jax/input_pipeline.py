@@ -116,6 +116,9 @@ def prepare(config: ml_collections.ConfigDict) -> Prepared:
   dataset = sources.load_dataset(config.data)
   train, validation, test = sources.train_validation_test(config.data, dataset, config.seed)
   specs = {t: spec_lib.check_specs(t, config.features[t]) for t in ("query", "candidate")}
+  shared = spec_lib.shared_table_problems(specs["query"], specs["candidate"])
+  if shared:
+    raise spec_lib.SpecError("Invalid feature spec:\n  " + "\n  ".join(shared))
   feat.check_columns(specs, train, dataset.movies)
   if (any(s.kind == "timestamp" for s in specs["query"].values())
       and config.data.split in ("seed", "random")):
@@ -164,9 +167,12 @@ def prepare(config: ml_collections.ConfigDict) -> Prepared:
 def add_histories(query_specs, encoders, dataset, item_ids, train, test, train_parts,
                   test_parts, num_users: int) -> dict[str, history.Sequences]:
   """Fills in every history feature: training examples get their user's position in the
-  training sequences ("<name>/start", "<name>/end"; windows are gathered per batch), test
-  interactions their window over training and test interactions strictly before them
-  (what a live system knows). Returns the training sequences by feature name."""
+  training sequences ("<name>/start", "<name>/end", and with ``time_since`` their time as
+  "<name>/time", seconds after the sequences' ``time_base``; windows are gathered per
+  batch), test interactions their window over training and test interactions strictly
+  before them (what a live system knows), with its side columns and time since. The
+  time-since normalization is fitted here, on training windows, into the encoder. Returns
+  the training sequences by feature name (side columns normalized, in ``side``)."""
   out = {}
   for name, s in query_specs.items():
     if s.kind != "history":
@@ -174,18 +180,53 @@ def add_histories(query_specs, encoders, dataset, item_ids, train, test, train_p
     if not dataset.time_key:
       raise dataset_lib.DataError(f"features.query.{name} (history) needs the time of each "
                                   "interaction: set data.time_key.")
-    rows_N = feat.lookup(encoders[name], item_ids)  # each catalogue item's embedding row
+    enc, width = encoders[name], encoders[name]["width"]
+    rows_N = feat.lookup(enc, item_ids)  # each catalogue item's embedding row
     (tr_user, tr_item, tr_q), (te_user, te_item, te_q) = train_parts, test_parts
     tr_time, te_time = train[dataset.time_key], test[dataset.time_key]
-    seqs = history.sequences(tr_user, rows_N[tr_item], tr_time, num_users)
+    side = feat.side_columns(s)
+    tr_side = te_side = None
+    if side:
+      tr_side = feat.side_values(enc, [feat.column(train, c, "interactions") for c in side])
+      te_side = feat.side_values(enc, [feat.column(test, c, "interactions") for c in side])
+    seqs = history.sequences(tr_user, rows_N[tr_item], tr_time, num_users, tr_side)
     tr_q[f"{name}/start"] = seqs.indptr_U1[tr_user].astype(np.int32)
     tr_q[f"{name}/end"] = history.ends(seqs, tr_user, tr_time).astype(np.int32)
+    if s.time_since:
+      if "time_mean" not in enc:
+        enc["time_mean"], enc["time_std"] = history.time_since_stats(
+            seqs, tr_user, tr_time, tr_q[f"{name}/end"], width)
+      tr_q[f"{name}/time"] = _seconds_after(tr_time, seqs.time_base)
     both = history.sequences(np.concatenate([tr_user, te_user]),
                              rows_N[np.concatenate([tr_item, te_item])],
-                             np.concatenate([tr_time, te_time]), num_users)
-    te_q[name] = history.windows(both, te_user, history.ends(both, te_user, te_time),
-                                 encoders[name]["width"])
+                             np.concatenate([tr_time, te_time]), num_users,
+                             None if tr_side is None else np.concatenate([tr_side, te_side]))
+    te_q.update(window_inputs(name, s, enc, both, te_user,
+                              history.ends(both, te_user, te_time), te_time))
     out[name] = seqs
+  return out
+
+
+def _seconds_after(time_N, base: int) -> np.ndarray:
+  t = np.round(np.asarray(time_N, np.float64)).astype(np.int64) - base
+  if len(t) and (t.min() < -2**31 or t.max() >= 2**31):
+    raise dataset_lib.DataError("A history's time_since needs the interaction times within "
+                                "68 years of each other (in seconds); check data.time_key.")
+  return t.astype(np.int32)
+
+
+def window_inputs(name: str, s, enc, seqs: history.Sequences, user_B, end_B, time_B
+                  ) -> dict[str, np.ndarray]:
+  """The model inputs of the windows ending at ``end_B`` (host side): the item rows, and
+  the per-position side columns and time since when the spec has them."""
+  pos_BxL = history.positions(seqs, user_B, end_B, enc["width"])
+  out = {name: history.take(seqs.items, pos_BxL, history.PAD).astype(np.int32)}
+  if seqs.side is not None:
+    out[name + feat.SIDE_SUFFIX] = history.take(seqs.side, pos_BxL, 0.0)
+  if s.get("time_since"):
+    out[name + feat.TIME_SINCE_SUFFIX] = history.time_since(
+        np.round(np.asarray(time_B, np.float64)).astype(np.int64),
+        history.take(seqs.times, pos_BxL, 0), pos_BxL >= 0, enc["time_mean"], enc["time_std"])
   return out
 
 
@@ -193,8 +234,11 @@ def query_inputs(prep: Prepared, idx: np.ndarray) -> dict[str, np.ndarray]:
   """The model's query inputs of training examples ``idx``, windows included (host side)."""
   xq = {k: v[idx] for k, v in prep.train_q.items() if "/" not in k}
   for name, seqs in prep.histories.items():
-    xq[name] = history.windows(seqs, prep.train_user[idx], prep.train_q[f"{name}/end"][idx],
-                               prep.encoders[name]["width"])
+    time_B = None
+    if f"{name}/time" in prep.train_q:
+      time_B = prep.train_q[f"{name}/time"][idx].astype(np.int64) + seqs.time_base
+    xq.update(window_inputs(name, prep.specs["query"][name], prep.encoders[name], seqs,
+                            prep.train_user[idx], prep.train_q[f"{name}/end"][idx], time_B))
   return xq
 
 
@@ -231,9 +275,16 @@ def device_data(prep: Prepared, mesh, recency_half_life_days: float = 0.0) -> di
       "p_item": (counts / max(counts.sum(), 1.0)).astype(np.float32),
   }
   if prep.histories:
-    data["histories"] = {name: {"items": seqs.items,
-                                "pos_L": np.arange(prep.encoders[name]["width"], dtype=np.int32)}
-                         for name, seqs in prep.histories.items()}
+    data["histories"] = {}
+    for name, seqs in prep.histories.items():
+      enc = prep.encoders[name]
+      h = {"items": seqs.items, "pos_L": np.arange(enc["width"], dtype=np.int32)}
+      if seqs.side is not None:
+        h["side"] = seqs.side
+      if f"{name}/time" in prep.train_q:
+        h["times"] = _seconds_after(seqs.times, seqs.time_base)
+        h["time_stats"] = np.asarray([enc["time_mean"], enc["time_std"]], np.float32)
+      data["histories"][name] = h
   if recency_half_life_days:
     data["train_weight"] = recency_weights(prep.train[prep.dataset.time_key],
                                            recency_half_life_days)

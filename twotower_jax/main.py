@@ -8,6 +8,8 @@ r"""Command line: train and evaluate, recommend, export for a ranker, report.
       --age=30 --gender=F --occupation=engineer --time=890000000   # MovieLens shortcuts
   python -m twotower_jax.main --mode=export_ranker --workdir /tmp/seed --top_n=50
   python -m twotower_jax.main --mode=report --report_dirs=/tmp/a,/tmp/b --workdir /tmp/report
+  python -m twotower_jax.main --mode=add_items --workdir /tmp/seed --items=new_items.csv
+  python -m twotower_jax.main --mode=export_model --workdir /tmp/seed   # jax + numpy to load
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, serving).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "recommend", "export_ranker", "report"],
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "recommend", "export_ranker", "report",
+                                            "add_items", "export_model"],
                           "What to do.")
 _USER_ID = flags.DEFINE_string(
     "user_id", None, "recommend: a user's key. A known user starts from their own latest "
@@ -58,6 +61,12 @@ _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "export_ranker: the data folder, when it has moved since training "
     "(default: the run's own, or $TWOTOWER_DATA_DIR when that one is gone).")
 _REPORT_DIRS = flags.DEFINE_list("report_dirs", [], "report: workdirs to summarize.")
+_EXPORT_DIR = flags.DEFINE_string(
+    "export_dir", None, "export_model: the portable export's folder (default "
+    "WORKDIR/export_model), replaced whole if it holds an earlier export.")
+_ITEMS = flags.DEFINE_string(
+    "items", None, "add_items: a CSV or Parquet table of new items (the item key and the "
+    "candidate tower's columns), embedded and added to WORKDIR/serving without retraining.")
 _OVERWRITE = flags.DEFINE_boolean(
     "overwrite", False, "train: discard the run already in --workdir (checkpoints, metrics, "
     "serving files) and train from scratch.")
@@ -121,6 +130,28 @@ def run(argv) -> None:
     return
   if mode == "recommend":
     _recommend(workdir)
+    return
+  if mode == "add_items":
+    import logging as std_logging  # pylint: disable=g-import-not-at-top
+    from twotower_jax import catalog  # pylint: disable=g-import-not-at-top
+    if not _ITEMS.value:
+      raise UsageError("--mode=add_items needs --items=FILE (CSV or Parquet of new items).")
+    std_logging.getLogger(catalog.__name__).setLevel(std_logging.INFO)  # unknown values
+    r = catalog.add_items(workdir, _ITEMS.value)
+    print(f"Added {r['added']} items to {r['directory']}: {r['num_items']} items, "
+          f"{r['index']} index.")
+    return
+  if mode == "export_model":
+    from twotower_jax import export_model  # pylint: disable=g-import-not-at-top
+    try:
+      out = export_model.export_model(workdir, _EXPORT_DIR.value)
+    except export_model.ExportModelError as e:
+      raise UsageError(str(e)) from e
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(f"Wrote {out}: the query tower (jax.export), its encoders and {manifest['num_items']} "
+          f"candidates ({manifest['dim']} dims, {manifest['index']['kind']} index). Load it "
+          f"with jax and numpy only: sys.path.insert(0, {str(out)!r}); import portable; "
+          f"portable.load({str(out)!r}).")
     return
   if mode == "export_ranker":
     import logging as std_logging  # pylint: disable=g-import-not-at-top

@@ -17,7 +17,7 @@ import numpy as np
 
 from twotower_jax import arrays
 from twotower_jax import sparse
-from twotower_jax.features import PAD, VALUE_SUFFIX
+from twotower_jax.features import PAD, SIDE_SUFFIX, TIME_SINCE_SUFFIX, VALUE_SUFFIX
 
 _embed_init = nn.initializers.uniform(scale=0.1)  # shifted below to (-0.05, 0.05)
 
@@ -84,12 +84,40 @@ def _bag(name: str, size: int, dim: int, idx_BxL: jax.Array, pooling: str = "mea
 FeatureDef = tuple[str, str, int, int, str]
 
 
+def history_pooling(s: Mapping[str, Any]) -> str:
+  """A history spec as the pooling field of its ``FeatureDef``: "<encoder>:<blocks>", then
+  only the options that are on (so a definition written before they existed reads the
+  same): "side=<S>", "time", "dropout=<rate>", "share=<candidate feature>"."""
+  parts = [str(s["encoder"]), str(s["blocks"])]
+  side = tuple(s.get("side", ()) or ())
+  if side:
+    parts.append(f"side={len(side)}")
+  if s.get("time_since"):
+    parts.append("time")
+  if s.get("dropout"):
+    parts.append(f"dropout={float(s['dropout'])!r}")
+  if s.get("share"):
+    parts.append(f"share={s['share']}")
+  return ":".join(parts)
+
+
+def history_options(pooling: str) -> dict[str, Any]:
+  """``history_pooling`` read back: encoder, blocks, side (count), time, dropout, share."""
+  encoder, blocks, *rest = pooling.split(":")
+  out = {"encoder": encoder, "blocks": int(blocks), "side": 0, "time": False,
+         "dropout": 0.0, "share": ""}
+  for part in rest:
+    key, _, value = part.partition("=")
+    out[key] = {"side": int, "dropout": float, "share": str}.get(key, bool)(value or True)
+  return out
+
+
 def feature_defs(specs: Mapping[str, Any], rows: Mapping[str, int]) -> tuple[FeatureDef, ...]:
   """The tower's features, in name order, from their specs and embedding rows. A history's
-  pooling field is "<encoder>:<blocks>"."""
+  pooling field is ``history_pooling``'s."""
   def pooling(s):
     if s["kind"] == "history":
-      return f"{s['encoder']}:{s['blocks']}"
+      return history_pooling(s)
     return str(s.get("pooling", "mean"))
 
   return tuple((name, s["kind"], int(rows[name]), int(s["dim"]), pooling(s))
@@ -98,37 +126,105 @@ def feature_defs(specs: Mapping[str, Any], rows: Mapping[str, int]) -> tuple[Fea
 
 class History(nn.Module):
   """The user's recent items [B, L] (most recent last, -1 padding on the left) -> one vector:
-  their mean embedding, or (``encoder`` "attention") the last position of causal
-  self-attention blocks with learned positions (SASRec), then the most recent item's own
-  embedding beside it."""
+  their mean embedding, the last position of causal self-attention blocks with learned
+  positions (``encoder`` "attention", SASRec), or the last hidden state of a GRU run over
+  the valid positions only ("gru"); then the most recent position's own vector beside it.
+
+  Per position, ``side`` numeric inputs [B, L, S] and the time since the item
+  (``time_since``, [B, L]) enter through one linear layer added to the item embedding.
+  ``dropout`` acts on the per-position vectors (and inside the attention blocks) when
+  ``train``. ``table`` (a [rows, dim] array) replaces the history's own item table: the
+  candidate tower's, when the two share one.
+  """
 
   rows: int
   dim: int
   encoder: str = "mean"
   blocks: int = 1
+  dropout: float = 0.0
+  side: int = 0
+  time_since: bool = False
 
   @nn.compact
-  def __call__(self, ids_BxL: jax.Array) -> jax.Array:
+  def __call__(self, ids_BxL: jax.Array, side_BxLxS: jax.Array | None = None,
+               time_since_BxL: jax.Array | None = None, *, table: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
     valid_BxL = ids_BxL != PAD
-    e_BxLxD = Embed(self.rows, self.dim, name="items")(jnp.where(valid_BxL, ids_BxL, 0))
+    safe_BxL = jnp.where(valid_BxL, ids_BxL, 0)
+    if table is None:
+      e_BxLxD = Embed(self.rows, self.dim, name="items")(safe_BxL)
+    else:
+      e_BxLxD = jnp.take(table, safe_BxL, axis=0)
+    per_position = []
+    if self.side:
+      if side_BxLxS is None or side_BxLxS.shape[-1] != self.side:
+        raise ValueError(f"This history takes {self.side} side columns per position; give "
+                         f"them as its '{SIDE_SUFFIX}' input [B, L, {self.side}].")
+      per_position.append(side_BxLxS.astype(jnp.float32))
+    if self.time_since:
+      if time_since_BxL is None:
+        raise ValueError(f"This history takes the time since each item; give it as its "
+                         f"'{TIME_SINCE_SUFFIX}' input [B, L].")
+      per_position.append(time_since_BxL.astype(jnp.float32)[..., None])
+    dense = nn.Dense(self.dim, kernel_init=_dense_init, name="per_position")
+    x_BxLxP = jnp.concatenate(per_position, axis=-1) if per_position else None
+    # The mean of (item + dense(x)) over the valid positions is mean(item) + dense(mean(x)):
+    # without dropout the mean encoder adds the dense term after pooling ([B, P], not
+    # [B, L, D]); the other encoders need each position's vector.
+    after_pooling = x_BxLxP is not None and self.encoder == "mean" and not self.dropout
+    if x_BxLxP is not None and not after_pooling:
+      e_BxLxD = e_BxLxD + dense(x_BxLxP)
     e_BxLxD = e_BxLxD * valid_BxL[..., None]
+    if self.dropout:
+      e_BxLxD = nn.Dropout(self.dropout)(e_BxLxD, deterministic=not train)
     last_BxD = e_BxLxD[:, -1]
     if self.encoder == "mean":
-      pooled_BxD = e_BxLxD.sum(1) / jnp.maximum(valid_BxL.sum(-1, keepdims=True), 1)
+      n_Bx1 = valid_BxL.sum(-1, keepdims=True)
+      pooled_BxD = e_BxLxD.sum(1) / jnp.maximum(n_Bx1, 1)
+      if after_pooling:
+        x_BxLxP = x_BxLxP * valid_BxL[..., None]
+        pooled_BxD = pooled_BxD + dense(x_BxLxP.sum(1) / jnp.maximum(n_Bx1, 1)) * (n_Bx1 > 0)
+        last_BxD = last_BxD + dense(x_BxLxP[:, -1]) * valid_BxL[:, -1:]
+    elif self.encoder == "gru":
+      pooled_BxD = self._gru(e_BxLxD, valid_BxL)
     else:
-      length = ids_BxL.shape[1]
-      pos_LxD = self.param("positions", nn.initializers.normal(0.02), (length, self.dim))
-      h_BxLxD = (e_BxLxD + pos_LxD) * valid_BxL[..., None]
-      mask = nn.combine_masks(nn.make_attention_mask(valid_BxL, valid_BxL),
-                              nn.make_causal_mask(valid_BxL))
-      for b in range(self.blocks):
-        x = nn.LayerNorm(name=f"ln_attn_{b}")(h_BxLxD)
-        h_BxLxD = h_BxLxD + nn.MultiHeadDotProductAttention(num_heads=1, name=f"attn_{b}")(
-            x, mask=mask)
-        x = nn.LayerNorm(name=f"ln_ffn_{b}")(h_BxLxD)
-        h_BxLxD = h_BxLxD + MLP((self.dim, self.dim), name=f"ffn_{b}")(x)
-      pooled_BxD = nn.LayerNorm(name="ln_out")(h_BxLxD)[:, -1] * valid_BxL[:, -1:]
+      pooled_BxD = self._attention(e_BxLxD, valid_BxL, train)
     return jnp.concatenate([pooled_BxD, last_BxD], axis=-1)
+
+  def _gru(self, e_BxLxD: jax.Array, valid_BxL: jax.Array) -> jax.Array:
+    """The GRU's hidden state after the last valid position (zeros for no history). The
+    valid positions (on the right) are moved to the front, so padding never enters it."""
+    length = e_BxLxD.shape[1]
+    n_B = valid_BxL.sum(-1).astype(jnp.int32)
+    src_BxL = (jnp.arange(length)[None, :] + (length - n_B)[:, None]) % length
+    x_BxLxD = jnp.take_along_axis(e_BxLxD, src_BxL[..., None], axis=1)
+    h_BxD, _ = nn.RNN(nn.GRUCell(self.dim, name="gru"), return_carry=True)(
+        x_BxLxD, seq_lengths=n_B)
+    return jnp.where(n_B[:, None] > 0, h_BxD, 0.0)
+
+  def _attention(self, e_BxLxD: jax.Array, valid_BxL: jax.Array, train: bool) -> jax.Array:
+    length = e_BxLxD.shape[1]
+    pos_LxD = self.param("positions", nn.initializers.normal(0.02), (length, self.dim))
+    h_BxLxD = (e_BxLxD + pos_LxD) * valid_BxL[..., None]
+    mask = nn.combine_masks(nn.make_attention_mask(valid_BxL, valid_BxL),
+                            nn.make_causal_mask(valid_BxL))
+    drop = functools.partial(nn.Dropout(self.dropout), deterministic=not train) \
+        if self.dropout else (lambda x: x)
+    # Only the last position's output is used, so the last block computes that position
+    # alone: its query is one row ([B, 1, D]) against every key, and its feed-forward layer
+    # runs on one position. The same values as the full block's last row, with ~5x fewer
+    # FLOPs for one block at L = 50; earlier blocks need every position.
+    for b in range(self.blocks):
+      kv_BxLxD = nn.LayerNorm(name=f"ln_attn_{b}")(h_BxLxD)
+      q_BxQxD = kv_BxLxD
+      if b == self.blocks - 1:
+        h_BxLxD, q_BxQxD, mask = h_BxLxD[:, -1:], kv_BxLxD[:, -1:], mask[:, :, -1:]
+      h_BxLxD = h_BxLxD + drop(nn.MultiHeadDotProductAttention(
+          num_heads=1, dropout_rate=self.dropout, name=f"attn_{b}")(
+              q_BxQxD, kv_BxLxD, mask=mask, deterministic=not train))
+      x = nn.LayerNorm(name=f"ln_ffn_{b}")(h_BxLxD)
+      h_BxLxD = h_BxLxD + drop(MLP((self.dim, self.dim), name=f"ffn_{b}")(x))
+    return nn.LayerNorm(name="ln_out")(h_BxLxD)[:, -1] * valid_BxL[:, -1:]
 
 
 class Tower(nn.Module):
@@ -139,12 +235,19 @@ class Tower(nn.Module):
   l2_normalize: bool = False
 
   @nn.compact
-  def __call__(self, x: Mapping[str, jax.Array]) -> jax.Array:
+  def __call__(self, x: Mapping[str, jax.Array], train: bool = False,
+               shared: Mapping[str, jax.Array] | None = None) -> jax.Array:
+    """``train``: dropout on (it needs a "dropout" rng); ``shared``: candidate tables by
+    feature name, for histories that share one (without it they read their own copy)."""
     parts = []
     for name, kind, rows, dim, pooling in self.features:
       if kind == "history":
-        encoder, blocks = pooling.split(":")
-        parts.append(History(rows, dim, encoder, int(blocks), name=name)(x[name]))
+        o = history_options(pooling)
+        table = (shared or {}).get(o["share"]) if o["share"] else None
+        parts.append(History(rows, dim, o["encoder"], o["blocks"], o["dropout"], o["side"],
+                             o["time"], name=name)(
+            x[name], x.get(name + SIDE_SUFFIX), x.get(name + TIME_SINCE_SUFFIX), table=table,
+            train=train))
       elif kind in ("multi_hot", "text"):
         parts.append(_bag(name, rows, dim, x[name], pooling))
       elif rows:  # a vocabulary, a bucketized number, a timestamp's bucket
@@ -178,11 +281,30 @@ class TwoTower(nn.Module):
       self.log_temperature = self.param(
           "log_temperature", lambda _: jnp.log(jnp.float32(self.init_temperature)))
 
-  def __call__(self, xq, xc):
-    return self.query(xq), self.candidate(xc), self.temperature()
+  def __call__(self, xq, xc, train: bool = False):
+    if not self.shared_tables():
+      return self.query(xq, train=train), self.candidate(xc), self.temperature()
+    c_BxD = self.candidate(xc)  # first: it creates the tables the query tower reads
+    return self.query(xq, train=train, shared=self._shared()), c_BxD, self.temperature()
 
   def embed_queries(self, xq):
-    return self.query(xq)
+    return self.query(xq, shared=self._shared())
+
+  def shared_tables(self) -> tuple[tuple[str, str], ...]:
+    """(history feature, candidate feature) of each history that reads the candidate
+    tower's table of that feature (``share``)."""
+    return tuple((f[0], history_options(f[4])["share"]) for f in self.query.features
+                 if f[1] == "history" and history_options(f[4])["share"])
+
+  def has_dropout(self) -> bool:
+    return any(f[1] == "history" and history_options(f[4])["dropout"]
+               for f in self.query.features)
+
+  def _shared(self) -> dict[str, jax.Array] | None:
+    if not self.shared_tables():
+      return None
+    params = self.candidate.variables["params"]
+    return {c: params[c]["embedding"] for _, c in self.shared_tables()}
 
   def embed_candidates(self, xc):
     return self.candidate(xc)
@@ -193,10 +315,13 @@ class TwoTower(nn.Module):
     return jnp.exp(self.log_temperature)
 
   def sparse_tables(self) -> tuple[sparse.Table, ...]:
-    """The tables of ``id`` features: large, so they can be updated sparsely and sharded."""
+    """The tables of ``id`` features: large, so they can be updated sparsely and sharded.
+    A candidate table a history shares is left out: the history reads it at rows of its
+    own, so it is updated and stored whole."""
+    shared = {c for _, c in self.shared_tables()}
     return (tuple(("query", f[0], ("xq",)) for f in self.query.features if f[1] == "id")
             + tuple(("candidate", f[0], ("xc", "extra_xc")) for f in self.candidate.features
-                    if f[1] == "id"))
+                    if f[1] == "id" and f[0] not in shared))
 
 
 def create_model(model_cfg, query: tuple[FeatureDef, ...], candidate: tuple[FeatureDef, ...]
@@ -215,13 +340,34 @@ def create_model(model_cfg, query: tuple[FeatureDef, ...], candidate: tuple[Feat
     return tuple((n, k, -(-rows // mult) * mult if k == "id" else rows, d, p)
                  for n, k, rows, d, p in defs)
 
+  candidate = padded(candidate)
+  cand_rows = {f[0]: f[2] for f in candidate}
+
+  def shared_rows(f):  # a history sharing a candidate table has that table's rows
+    share = history_options(f[4])["share"] if f[1] == "history" else ""
+    if share and share not in cand_rows:
+      raise ValueError(f"History {f[0]!r} shares the table of candidate feature {share!r}, "
+                       f"which the candidate tower lacks ({sorted(cand_rows)}).")
+    return (f[0], f[1], cand_rows[share], f[3], f[4]) if share else f
+
   return TwoTower(
-      query=Tower(features=padded(query), mlp=tuple(m.mlp), l2_normalize=m.l2_normalize),
-      candidate=Tower(features=padded(candidate), mlp=tuple(m.mlp),
+      query=Tower(features=tuple(shared_rows(f) for f in padded(query)), mlp=tuple(m.mlp),
+                  l2_normalize=m.l2_normalize),
+      candidate=Tower(features=candidate, mlp=tuple(m.mlp),
                       l2_normalize=m.l2_normalize),
       learn_temperature=m.learn_temperature,
       init_temperature=m.temperature,
   )
+
+
+def query_tower_params(model: TwoTower, params) -> dict[str, Any]:
+  """The query tower's parameters as a standalone ``Tower`` reads them (serving): a history
+  sharing a candidate table gets a copy of it as its own item table."""
+  out = dict(params["query"])
+  for name, share in model.shared_tables():
+    out[name] = {**out.get(name, {}),
+                 "items": {"embedding": params["candidate"][share]["embedding"]}}
+  return out
 
 
 # ----------------------------------------------------------------------------

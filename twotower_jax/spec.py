@@ -19,7 +19,7 @@ The column defaults to the feature's name. Query features read the interactions 
 | ``timestamp`` | an embedding of one of ``buckets`` even time buckets plus the normalized value | ``buckets``, ``dim`` |
 | ``multi_hot`` | the pooled embeddings of the values of one column (``"Action|Comedy"``) | ``sep``, ``pooling``, ``max_values``, ``dim``, ``max_size``, ``min_count`` |
 | ``text`` | the pooled embeddings of the words of a string | ``max_words``, ``pooling``, ``dim``, ``max_size``, ``min_count`` |
-| ``history`` | the user's last items before the query (query tower only) | ``max_len``, ``encoder``, ``blocks``, ``dim``, ``min_count`` |
+| ``history`` | the user's last items before the query (query tower only) | ``max_len``, ``encoder``, ``blocks``, ``dim``, ``min_count``, ``side``, ``time_since``, ``dropout``, ``share`` |
 
 A spec is a plain ``ml_collections.ConfigDict`` (``kind``, ``column`` and the options, every
 one present), so ``--config.features.query.age.normalize=False`` overrides work and a typo
@@ -29,6 +29,7 @@ is an error: ``check_specs`` rejects unknown options and kinds with a suggestion
 from __future__ import annotations
 
 import difflib
+import json
 from typing import Any, Mapping
 
 import ml_collections
@@ -42,11 +43,12 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "timestamp": {"buckets": 1000, "dim": 32},
     "multi_hot": {"dim": 8, "sep": "|", "pooling": "mean", "max_values": 0, **_VOCAB},
     "text": {"dim": 32, "max_words": 8, "pooling": "mean", **_VOCAB},
-    "history": {"dim": 32, "max_len": 50, "encoder": "mean", "blocks": 1, "min_count": 1},
+    "history": {"dim": 32, "max_len": 50, "encoder": "mean", "blocks": 1, "min_count": 1,
+                "side": (), "time_since": False, "dropout": 0.0, "share": ""},
 }
 KINDS = tuple(OPTIONS)
 POOLINGS = ("mean", "sum")
-HISTORY_ENCODERS = ("mean", "attention")
+HISTORY_ENCODERS = ("mean", "attention", "gru")
 # Kinds whose encoder is a vocabulary (an embedding table with an OOV row 0).
 VOCAB_KINDS = ("id", "categorical", "multi_hot", "text")
 
@@ -114,11 +116,24 @@ def text(column: str | None = None, **options) -> ml_collections.ConfigDict:
 def history(column: str | None = None, **options) -> ml_collections.ConfigDict:
   """What the user did just before: their last ``max_len`` items strictly before the
   interaction's time (training interactions only, when training; at evaluation and serving
-  also the later ones a live system knows), ``encoder`` mean or attention (causal
-  self-attention with learned positions, ``blocks`` 1 or 2), concatenated with the most
-  recent item's embedding. ``column`` is the interactions' item key; the items get a table
-  of their own (``dim``), over the items seen ``min_count`` times in training."""
+  also the later ones a live system knows), ``encoder`` mean, attention (causal
+  self-attention with learned positions, ``blocks`` 1 or 2) or gru (the last hidden state),
+  concatenated with the most recent item's embedding. ``column`` is the interactions' item
+  key; the items get a table of their own (``dim``), over the items seen ``min_count`` times
+  in training.
+
+  Per position, beside the item: ``side`` (interaction columns such as ``("user_rating",)``,
+  each normalized with training statistics) and ``time_since`` (log1p of the days between
+  the item and the query, normalized). ``dropout`` (a rate in [0, 1)) acts in training only.
+  ``share`` names a candidate ``id`` feature reading the same item key with the same
+  ``dim``: the history then looks its items up in that feature's table and vocabulary."""
   return make("history", column, **options)
+
+
+def json_defaults(kind: str) -> dict[str, Any]:
+  """Every option of ``kind`` at its default, as JSON holds it (tuples as lists); {} for an
+  unknown kind. A config written before an option existed reads it at this default."""
+  return json.loads(json.dumps(OPTIONS.get(kind, {})))
 
 
 def check_specs(tower: str, specs: Mapping[str, Any]) -> dict[str, ml_collections.ConfigDict]:
@@ -146,6 +161,34 @@ def check_specs(tower: str, specs: Mapping[str, Any]) -> dict[str, ml_collection
     out[name] = full
   if problems:
     raise SpecError("Invalid feature spec:\n  " + "\n  ".join(problems))
+  return out
+
+
+def shared_table_problems(query: Mapping[str, Any], candidate: Mapping[str, Any]
+                          ) -> list[str]:
+  """Problems of history features sharing a candidate table (``share``): the candidate
+  feature must exist, be an ``id`` or ``categorical`` feature of the same item key, and have
+  the history's ``dim``, so that both towers look the same items up in one table."""
+  out = []
+  for name, s in query.items():
+    if not hasattr(s, "get") or s.get("kind") != "history" or not s.get("share"):
+      continue
+    where, share = f"features.query.{name}.share={s['share']!r}", s["share"]
+    c = candidate.get(share) if hasattr(candidate, "get") else None
+    if c is None or not hasattr(c, "get"):
+      out.append(f"{where}: no candidate feature of that name; name one of "
+                 f"{sorted(candidate or {})} (an id feature of the item key), or '' for a "
+                 "table of its own.")
+      continue
+    column = s.get("column") or name
+    if c.get("kind") not in ("id", "categorical") or (c.get("column") or share) != column:
+      out.append(f"{where}: the shared feature must be an id feature of the item key "
+                 f"{column!r} (e.g. spec.id({column!r})); it is a {c.get('kind')} feature of "
+                 f"column {c.get('column') or share!r}.")
+    elif c.get("dim", OPTIONS[c["kind"]]["dim"]) != s.get("dim", OPTIONS["history"]["dim"]):
+      out.append(f"{where}: dims differ (history dim={s.get('dim')}, candidate "
+                 f"{share} dim={c.get('dim')}); one table needs one dim: set both to the same "
+                 "value.")
   return out
 
 
@@ -180,6 +223,15 @@ def _value_problems(s) -> list[str]:
     need(s.encoder in HISTORY_ENCODERS, "encoder",
          f"must be one of {', '.join(HISTORY_ENCODERS)}")
     need(s.blocks in (1, 2), "blocks", "must be 1 or 2")
+    side = s.side
+    need(isinstance(side, (tuple, list)) and all(isinstance(c, str) and c for c in side)
+         and len(set(side)) == len(side), "side",
+         "must be distinct column names, e.g. ('user_rating',)")
+    need(isinstance(s.time_since, bool), "time_since", "must be True or False")
+    need(isinstance(s.dropout, (int, float)) and not isinstance(s.dropout, bool)
+         and 0 <= s.dropout < 1, "dropout", "must be a rate in [0, 1), e.g. 0.2")
+    need(isinstance(s.share, str), "share",
+         "must name a candidate id feature (e.g. 'movie'), or be '' for a table of its own")
   if "pooling" in s:
     need(s.pooling in POOLINGS, "pooling", f"must be one of {', '.join(POOLINGS)}")
   if s.kind == "multi_hot":

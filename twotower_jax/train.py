@@ -139,8 +139,10 @@ def gather_batch(data: dict[str, Any], idx_B: Array, key: Array, num_extra: int
   item_B = jnp.take(data["train_item"], idx_B)
   xq = _take(data["train_q"], idx_B)
   for name, h in data.get("histories", {}).items():  # each example's window, gathered here
-    xq[name] = history.gather_windows(h["items"], xq.pop(f"{name}/start"),
-                                      xq.pop(f"{name}/end"), h["pos_L"])
+    start_B, end_B = xq.pop(f"{name}/start"), xq.pop(f"{name}/end")
+    time_B = xq.pop(f"{name}/time", None)
+    xq[name] = history.gather_windows(h["items"], start_B, end_B, h["pos_L"])
+    xq.update(history.gather_extras(name, h, start_B, end_B, time_B))
   batch = {"item_B": item_B, "xq": xq, "xc": _take(data["cand"], item_B)}
   if num_extra:
     extra_M = jax.random.randint(key, (num_extra,), 0, data["p_item"].shape[0])
@@ -153,15 +155,22 @@ def gather_batch(data: dict[str, Any], idx_B: Array, key: Array, num_extra: int
 
 def loss_fn(params, state: TrainState, data: dict[str, Any], batch: dict[str, Any],
             valid_B: Array, *, model, loss_cfg: ml_collections.FrozenConfigDict,
-            variables_fn: Callable[[Any], dict[str, Any]] | None = None) -> Array:
+            variables_fn: Callable[[Any], dict[str, Any]] | None = None,
+            dropout_rng: Array | None = None) -> Array:
   """Retrieval loss of a batch from ``gather_batch``.
 
   ``variables_fn`` builds the model variables from ``params`` (sparse embedding
   updates pass the used rows of the large tables this way); default ``{"params": params}``.
+  ``dropout_rng``: the model runs in training mode, its dropout drawn from this key
+  (None: deterministic).
   """
   item_B = batch["item_B"]
   variables = variables_fn(params) if variables_fn else {"params": params}
-  q_BxD, c_BxD, temperature = model.apply(variables, batch["xq"], batch["xc"])
+  if dropout_rng is None:
+    q_BxD, c_BxD, temperature = model.apply(variables, batch["xq"], batch["xc"])
+  else:
+    q_BxD, c_BxD, temperature = model.apply(variables, batch["xq"], batch["xc"], train=True,
+                                            rngs={"dropout": dropout_rng})
   b = item_B.shape[0]
   kwargs: dict[str, Any] = {}
   log_q_B = None
@@ -190,6 +199,9 @@ def loss_fn(params, state: TrainState, data: dict[str, Any], batch: dict[str, An
       num_hard_negatives=loss_cfg.num_hard_negatives or None, valid_B=valid_B, **kwargs)
 
 
+DROPOUT_STREAM = 1  # fold_in(state.rng, .): the step's dropout key
+
+
 def train_step(state: TrainState, data: dict[str, Any], idx_B: Array, valid_B: Array, *,
                model, tx: optax.GradientTransformation,
                loss_cfg: ml_collections.FrozenConfigDict,
@@ -203,6 +215,8 @@ def train_step(state: TrainState, data: dict[str, Any], idx_B: Array, valid_B: A
   batch = gather_batch(data, idx_B, extra_key, loss_cfg.num_uniform_negatives)
   grad_fn = jax.value_and_grad(loss_fn)
   kwargs = dict(model=model, loss_cfg=loss_cfg)
+  if model.has_dropout():  # a key of its own per step, leaving the state's key chain as is
+    kwargs["dropout_rng"] = jax.random.fold_in(state.rng, DROPOUT_STREAM)
   if sparse_embeddings:
     tables = model.sparse_tables()
     shapes = sparse.shapes_of(state.params, tables)

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from twotower_jax import config as config_lib
+from twotower_jax import spec
 from twotower_jax.data import dataset as dataset_lib
 
 FINGERPRINT_FILE = "fingerprint.json"
@@ -76,9 +77,14 @@ def _ignored(key: str) -> bool:
 
 def config_fingerprint(config_json: Mapping[str, Any]) -> dict[str, Any]:
   """Dotted key -> value of the keys that change a result; keys a config lacks (one
-  written before they existed) read their defaults."""
+  written before they existed) read their defaults, and so do feature spec options."""
   full = _flatten(json.loads(config_lib.base_config().to_json()))
   full.update(_flatten(config_json))
+  for key, kind in list(full.items()):  # "features.<tower>.<name>.kind"
+    parts = key.split(".")
+    if len(parts) == 4 and parts[0] == "features" and parts[3] == "kind":
+      for option, default in spec.json_defaults(kind).items():
+        full.setdefault(".".join(parts[:3] + [option]), default)
   return {k: v for k, v in full.items() if not _ignored(k)}
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from twotower_jax import config as config_lib
 from twotower_jax.data import (download, movielens, movielens_large, splits, synthetic, tables,
@@ -152,6 +153,9 @@ def train_test(data_cfg, dataset: Dataset, seed: int) -> tuple[Columns, Columns]
   """
   split = _cfg(data_cfg, "split")
   if split == "files":
+    if float(_cfg(data_cfg, "cold_user_fraction")):
+      raise DataError("data.cold_user_fraction holds users out of a split this package makes; "
+                      "split='files' reads a fixed one. Fix: set it to 0, or use another split.")
     train_path = _resolve_ratings_file(data_cfg, "train_file")
     test_path = _resolve_ratings_file(data_cfg, "test_file")
     train = movielens.load_ratings_file(train_path, dataset)
@@ -159,13 +163,26 @@ def train_test(data_cfg, dataset: Dataset, seed: int) -> tuple[Columns, Columns]
                                   test_path, train_path)
     splits.warn_unseen_in_train(train, test, train_path, test_path)
     return train, test
+  ratings = dataset.ratings
+  if float(_cfg(data_cfg, "cold_user_fraction")):  # the split is made of the warm users only
+    ratings = take_rows(ratings, cold_user_rows(data_cfg, dataset, seed)[0])
   train_idx, test_idx = splits.split_indices(
-      dataset.ratings, split, seed=seed,
+      ratings, split, seed=seed,
       test_fraction=float(_cfg(data_cfg, "test_fraction")),
       train_size=int(_cfg(data_cfg, "train_size")),
       test_size=int(_cfg(data_cfg, "test_size")),
       user_key=dataset.user_key, time_key=dataset.time_key)
-  return take_rows(dataset.ratings, train_idx), take_rows(dataset.ratings, test_idx)
+  return take_rows(ratings, train_idx), take_rows(ratings, test_idx)
+
+
+def cold_user_rows(data_cfg, dataset: Dataset, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(warm, cold history, cold test) row indices into ``dataset.ratings`` per
+  ``data_cfg.cold_user_fraction`` and ``cold_user_history`` (``splits.cold_user_split``)."""
+  return splits.cold_user_split(
+      dataset.ratings, fraction=float(_cfg(data_cfg, "cold_user_fraction")),
+      history=int(_cfg(data_cfg, "cold_user_history")), seed=seed,
+      user_key=dataset.user_key, time_key=dataset.time_key)
 
 
 def train_validation_test(data_cfg, dataset: Dataset, seed: int

@@ -1,5 +1,5 @@
 """Train/test splits of the ratings: seeded, random, temporal, per-user temporal,
-leave-last-out."""
+leave-last-out; the validation carve-out; cold users held out of training entirely."""
 
 from __future__ import annotations
 
@@ -113,6 +113,44 @@ def _user_temporal(ratings, n: int, test_fraction: float, user_key: str, time_ke
     raise DataError(f"split 'user_temporal': no user has {USER_TEMPORAL_MIN_INTERACTIONS} or "
                     "more ratings, so the test set is empty. Fix: use split='random'.")
   return np.sort(order[~test_sorted]), np.sort(order[test_sorted])
+
+
+def cold_user_split(ratings: Mapping[str, np.ndarray], *, fraction: float, history: int,
+                    seed: int, user_key: str = "user_id", time_key: str = "timestamp"
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(warm_idx, history_idx, test_idx) into ``ratings``, each sorted ascending, disjoint,
+  together every row: ``fraction`` of the users with more than ``history`` ratings (seeded
+  draw) are cold; each cold user's first ``history`` ratings by time (ties by position) are
+  their given history, the rest their test ratings; every other user's ratings are warm
+  (the train/test split is made from those alone)."""
+  n = _num_rows(ratings, user_key)
+  if not 0.0 < fraction < 1.0:
+    raise DataError(f"cold_user_fraction={fraction} must be strictly between 0 and 1. Fix: "
+                    "set --config.data.cold_user_fraction=0.1 (for example), or 0 for none.")
+  if history < 1:
+    raise DataError(f"cold_user_history={history} must be >= 1: a cold user is served from "
+                    "that many given interactions. Fix: set --config.data.cold_user_history=5.")
+  if not time_key or time_key not in ratings:
+    raise DataError(f"cold users need a timestamp column ({time_key or 'none is set'}) to "
+                    f"give each their first ratings; the interactions have {sorted(ratings)}. "
+                    "Fix: set data.time_key, or data.cold_user_fraction=0.")
+  users_N = np.unique(key_codes(ratings[user_key]), return_inverse=True)[1].reshape(-1)
+  counts_U = np.bincount(users_N)
+  eligible_U = np.flatnonzero(counts_U > history)
+  n_cold = round(fraction * len(eligible_U))
+  if n_cold < 1 or n_cold >= len(counts_U):
+    raise DataError(f"cold_user_fraction={fraction} of the {len(eligible_U)} users with more "
+                    f"than {history} ratings gives {n_cold} cold users of {len(counts_U)}; "
+                    "it needs at least one, and one warm user. Fix: change "
+                    "--config.data.cold_user_fraction or data.cold_user_history.")
+  cold_U = np.zeros(len(counts_U), bool)
+  cold_U[np.random.default_rng([seed, 2]).choice(eligible_U, n_cold, replace=False)] = True
+  order = np.lexsort((np.arange(n), np.asarray(ratings[time_key]), users_N))
+  users_sorted = users_N[order]
+  rank_N = np.arange(n) - (np.cumsum(counts_U) - counts_U)[users_sorted]  # in user's order
+  cold_sorted = cold_U[users_sorted]
+  return (np.sort(order[~cold_sorted]), np.sort(order[cold_sorted & (rank_N < history)]),
+          np.sort(order[cold_sorted & (rank_N >= history)]))
 
 
 def warn_unseen_in_train(train: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray],
