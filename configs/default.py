@@ -1,5 +1,6 @@
-"""What ./run.sh trains: what the user just did (their last 20 movies, mean-pooled) against
-the movie's id, all its genres, title words and release year; trained well.
+"""What ./run.sh trains: what the user just did (their last 20 movies, mean-pooled, looked up
+in the candidate tower's movie table) against the movie's id, all its genres, title words
+and release year; trained well.
 
 Against configs/seed.py: the query tower reads the user's history instead of demographics
 (a brand-new user is served from a few movies, without retraining); the candidate tower
@@ -24,7 +25,8 @@ def get_config(arg: str = "random"):
   c.data.test_fraction = 0.1 if arg == "temporal" else 0.2
   c.data.validation_fraction = 0.1
   c.features.query = {
-      "history": spec.history("movie_id", max_len=20, dim=64, encoder="mean"),
+      # the history's movies are looked up in the candidate tower's movie table (one table)
+      "history": spec.history("movie_id", max_len=20, dim=64, encoder="mean", share="movie"),
   }
   c.features.candidate = {
       "movie": spec.id("movie_id", dim=64),

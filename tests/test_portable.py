@@ -103,6 +103,7 @@ def test_history_side_columns_and_time_since_equal_features_encode():
       {"items": [2], "side": {}, "times": None, "query_time": None},
       [3, 1],  # items only: the training means
       {"items": [], "side": {"rating": []}, "times": [], "query_time": 7},
+      {"items": [1, 2, 3], "times": [0, None, day], "query_time": 3 * day},  # one unknown
   ]
   want = feat.encode("h", spec, enc, query)
   got = portable.encode_feature("h", spec.to_dict(), enc, query)
@@ -111,6 +112,8 @@ def test_history_side_columns_and_time_since_equal_features_encode():
     assert got[key].dtype == want[key].dtype, key
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
   assert (want["h_side"] != 0).sum() > 5 and (want["h_time_since"] != 0).sum() > 3
+  # A missing time reads the training mean (0 once normalized); the known ones do not.
+  assert want["h_time_since"][5, 2] == 0 and (want["h_time_since"][5, [1, 3]] != 0).all()
 
 
 def test_text_words_follow_the_tokenizer():

@@ -22,32 +22,73 @@ from twotower_jax.data import dataset as dataset_lib
 from twotower_jax.data import sources
 
 
+def known_before_test(prep) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
+  """(user, item, time, columns) of every interaction a live system knows before the test
+  period: the training interactions and, with a validation split, the validation ones
+  (held out of training, not out of the log). ``time`` is None without timestamps;
+  ``columns`` holds the key, time and history side columns of both."""
+  ds = prep.dataset
+  time_key = ds.time_key
+  if prep.valid_item is None:
+    user, item, cols = prep.train_user, prep.train_item, prep.train
+  else:
+    user = np.concatenate([prep.train_user, prep.valid_user])
+    item = np.concatenate([prep.train_item, prep.valid_item])
+    names = {ds.user_key, ds.item_key, time_key} | {
+        c for s in prep.specs["query"].values() if s.kind == "history"
+        for c in feat.side_columns(s)}
+    cols = {c: input_pipeline.concat_keys(prep.train[c], prep.validation[c])
+            for c in names if c and c in prep.train}
+  time = np.asarray(cols[time_key], np.float64) if time_key else None
+  return user, item, time, cols
+
+
+def test_queries(prep) -> dict[str, np.ndarray]:
+  """The model's query inputs of the test interactions: ``prep.test_q``, with every history
+  window over the interactions known before the test period (`known_before_test`: the
+  validation ones too) and the earlier test interactions."""
+  if prep.valid_item is None or not any(s.kind == "history"
+                                        for s in prep.specs["query"].values()):
+    return prep.test_q
+  user, item, _, cols = known_before_test(prep)
+  q = dict(prep.test_q)
+  input_pipeline.add_histories(prep.specs["query"], prep.encoders, prep.dataset,
+                               prep.item_ids_N, cols, prep.test, (user, item, {}),
+                               (prep.test_user, prep.test_item, q), prep.num_users)
+  return q
+
+
 def evaluate(config, prep, model, params) -> dict[str, Any]:
   """Full-corpus metrics of the model and, optionally, of the baselines, under every protocol:
   include_seen, exclude_seen, and exclude_history (each test interaction's online history
   excluded: the user's training items and their test items strictly before it by time; the
-  training items alone when the data has no timestamps)."""
+  training items alone when the data has no timestamps).
+
+  With a validation split its interactions count as known before the test period, as in a
+  live system: they are in each test interaction's history (the model's history features
+  and the exclusions) and among the seen items, and the baselines are fitted on them too;
+  only the model's parameters never saw them."""
   bs = config.eval.batch_size
   c_NxD = model_lib.embed_in_batches(model_lib.embed_candidates, params, prep.cand, bs,
                                      model=model)
-  q_TxD = model_lib.embed_in_batches(model_lib.embed_queries, params, prep.test_q, bs,
+  q_TxD = model_lib.embed_in_batches(model_lib.embed_queries, params, test_queries(prep), bs,
                                      model=model)
   ks = tuple(config.eval.ks)
-  indptr, seen = metrics_lib.seen_csr(prep.train_user, prep.train_item, prep.num_users)
+  known_user, known_item, known_time, _ = known_before_test(prep)
+  indptr, seen = metrics_lib.seen_csr(known_user, known_item, prep.num_users)
   time_key = prep.dataset.time_key
-  train_time = np.asarray(prep.train[time_key], np.float64) if time_key else None
   test_time = (np.asarray(prep.test[time_key], np.float64) if time_key
                else np.zeros(len(prep.test_user)))  # no times: no test item precedes another
-  h_indptr, h_items = history.online_history(prep.train_user, prep.train_item, prep.test_user,
+  h_indptr, h_items = history.online_history(known_user, known_item, prep.test_user,
                                              prep.test_item, test_time, prep.num_users)
   out = metrics_lib.evaluate_protocols(
       prep.test_item, prep.test_user, indptr, seen, prep.item_counts(), ks=ks, q_BxD=q_TxD,
       c_NxD=c_NxD, history_indptr=h_indptr, history_items=h_items, batch_size=bs)
   if config.eval.baselines:
     out.update(baselines.evaluate_baselines(
-        prep.train_user, prep.train_item, prep.test_user, prep.test_item,
+        known_user, known_item, prep.test_user, prep.test_item,
         prep.num_users, prep.num_items, ks=ks, seed=int(config.seed),
-        history_indptr=h_indptr, history_items=h_items, train_time=train_time,
+        history_indptr=h_indptr, history_items=h_items, train_time=known_time,
         test_time=test_time, ease_lambda=float(config.eval.ease_lambda),
         ease_recency=float(config.eval.ease_recency),
         ease_max_items=int(config.eval.ease_max_items)))
@@ -113,17 +154,22 @@ def _no_user_scores(user_ids_B):
   raise AssertionError("the blend is scored per interaction (exclude_history) only")
 
 
-def _blend_on(config, prep, q_XxD, c_NxD, user_X, item_X, time_X, weights) -> dict:
+def _blend_on(config, prep, q_XxD, c_NxD, user_X, item_X, time_X, weights,
+              known=None) -> dict:
   """{weight: exclude_history metrics} of the blend on one evaluation split (EASE fitted on
-  ``prep``'s training interactions, each interaction scored from its online history)."""
-  time_key = prep.dataset.time_key
-  train_time = np.asarray(prep.train[time_key], np.float64) if time_key else None
+  ``known`` (user, item, time), by default ``prep``'s training interactions, each
+  evaluation interaction scored from its online history over them)."""
+  if known is None:
+    time_key = prep.dataset.time_key
+    known = (prep.train_user, prep.train_item,
+             np.asarray(prep.train[time_key], np.float64) if time_key else None)
+  known_user, known_item, known_time = known
   ease_fn = baselines.ease_online_score_fn(
-      prep.train_user, prep.train_item, user_X, item_X, prep.num_users, prep.num_items,
-      train_time=train_time, eval_time=time_X, lam=float(config.eval.ease_lambda),
+      known_user, known_item, user_X, item_X, prep.num_users, prep.num_items,
+      train_time=known_time, eval_time=time_X, lam=float(config.eval.ease_lambda),
       recency=float(config.eval.ease_recency))
-  indptr, seen = metrics_lib.seen_csr(prep.train_user, prep.train_item, prep.num_users)
-  h_indptr, h_items = history.online_history(prep.train_user, prep.train_item, user_X, item_X,
+  indptr, seen = metrics_lib.seen_csr(known_user, known_item, prep.num_users)
+  h_indptr, h_items = history.online_history(known_user, known_item, user_X, item_X,
                                              time_X, prep.num_users)
   return {w: metrics_lib.evaluate_protocols(
       item_X, user_X, indptr, seen, prep.item_counts(), ks=tuple(config.eval.ks),
@@ -142,9 +188,11 @@ def blend_metrics(config, prep, model, params, *, c_NxD=None, q_TxD=None) -> dic
   """The model blended with EASE (``eval.blend_ease_weights``; EASE at ``eval.ease_lambda``
   and ``eval.ease_recency``) under ``exclude_history``: ``blend/weight`` and
   ``blend/exclude_history/<metric>`` on test. With several weights each is first scored on
-  validation (``validation_blend/<w>/exclude_history/<metric>``; weight 0 is the model
-  alone) and test is scored once, with the best: by ``train.early_stopping_metric`` when
-  it is an ``exclude_history`` metric, else by ``exclude_history/hr_<largest k>``."""
+  validation (``validation_blend/<w>/exclude_history/<metric>``, EASE fitted on the training
+  part; weight 0 is the model alone), and test is scored once, with the best weight: by
+  ``train.early_stopping_metric`` when it is an ``exclude_history`` metric, else by
+  ``exclude_history/hr_<largest k>``. On test, EASE is fitted on, and the histories hold,
+  every interaction known before the test period (`known_before_test`), as in `evaluate`."""
   weights = [float(w) for w in config.eval.blend_ease_weights]
   bs = config.eval.batch_size
   if c_NxD is None:
@@ -169,10 +217,11 @@ def blend_metrics(config, prep, model, params, *, c_NxD=None, q_TxD=None) -> dic
       out.update({f"validation_blend/{w:g}/{k}": v for k, v in res.items()})
     chosen = max(weights, key=lambda w: (by_w[w][key], -weights.index(w)))
   if q_TxD is None:
-    q_TxD = model_lib.embed_in_batches(model_lib.embed_queries, params, prep.test_q, bs,
-                                       model=model)
+    q_TxD = model_lib.embed_in_batches(model_lib.embed_queries, params, test_queries(prep),
+                                       bs, model=model)
   res = _blend_on(config, prep, q_TxD, c_NxD, prep.test_user, prep.test_item,
-                  _times(prep, prep.test, len(prep.test_item)), [chosen])[chosen]
+                  _times(prep, prep.test, len(prep.test_item)), [chosen],
+                  known=known_before_test(prep)[:3])[chosen]
   out["blend/weight"] = chosen
   out.update({f"blend/{k}": v for k, v in res.items()})
   return out

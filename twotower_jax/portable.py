@@ -266,8 +266,9 @@ def encode_history(name: str, spec: Mapping[str, Any], enc: dict[str, Any], hist
                                                   np.float64)[-n:]
     times, t = h.get("times"), h.get("query_time")
     if times is not None and t is not None and n:
-      item_time_QxL[q, width - n:] = np.asarray(times, np.float64)[-n:]
-      known_QxL[q, width - n:] = True
+      times_n = np.asarray([np.nan if x is None else x for x in times], np.float64)[-n:]
+      known_QxL[q, width - n:] = np.isfinite(times_n)  # a missing time reads the mean
+      item_time_QxL[q, width - n:] = np.where(np.isfinite(times_n), times_n, 0.0)
       query_time_Q[q] = float(t)
   if side:
     z = (side_QxLxS - np.asarray(enc["side_mean"])) / np.asarray(enc["side_std"])
