@@ -29,7 +29,7 @@ case "$cmd" in
   test)
     install "dev,tfds,faiss"
     python -m ruff check twotower_jax tests benchmarks configs
-    exec python -m pytest -q "$@"
+    exec python -m pytest -q -n auto "$@"  # one worker per core (pytest-xdist)
     ;;
   train)
     install ""
