@@ -227,3 +227,40 @@ def test_no_shape_is_compiled_after_warm_up(served):
     service.answer(sv, [service.Query(user_id=user, exclude_rated=True)] * n, sizes)
     service.answer(sv, [service.Query(user_id=user)] * n, sizes)
   assert not [c for c in compiles if "backend_compile" in c], compiles
+
+
+def test_fill_wait_waits_for_unannounced_requests_after_a_costly_batch():
+  def run(fill_wait):
+    batches = []
+
+    def process(items):
+      batches.append(list(items))
+      time.sleep(0.1)  # a costly batch: 100 ms whatever its size
+      return items
+
+    async def main():
+      b = batching.Batcher(process, max_batch=8, max_wait_ms=1000, fill_wait=fill_wait)
+      await b.start()
+      await b.submit("first")  # sets the last batch's time (100 ms)
+
+      async def later(x):  # never announced: submitted 20 ms after the batch opened
+        await asyncio.sleep(0.02)
+        return await b.submit(x)
+
+      start = time.perf_counter()
+      out = await asyncio.gather(b.submit("a"), later("b"), later("c"))
+      waited = time.perf_counter() - start
+      await b.stop()
+      return out, waited
+
+    out, waited = _run(main())
+    assert out == ["a", "b", "c"]
+    return batches, waited
+
+  batches, _ = run(0.0)  # goes at once: "a" alone, then the two later ones
+  assert batches[1:] == [["a"], ["b", "c"]]
+  batches, waited = run(0.5)  # waits up to 50 ms for more: one batch
+  assert batches[1:] == [["a", "b", "c"]]
+  assert waited < 0.5  # bounded by half the last batch's time, not max_wait_ms
+  with pytest.raises(ValueError, match="fill_wait"):
+    batching.Batcher(lambda x: x, fill_wait=2.0)

@@ -13,6 +13,9 @@ The wait is only spent when it can pay off: requests announce themselves with
 :meth:`Batcher.arriving` as soon as they start (before their body is read), and the
 worker stops waiting as soon as no announced request is still on its way. A lone request
 therefore goes out at once, while under load the batch fills up to ``max_batch``.
+``fill_wait`` (a fraction, default 0) also waits that fraction of the last batch's
+processing time for more requests when none is announced: worth it where a batch costs
+about the same whatever its size (a large catalogue read once per batch).
 With ``max_batch=1`` every item is processed alone (batching off).
 
 The model-specific work (encoding, padding to fixed shapes, scoring) lives in ``process``
@@ -38,11 +41,15 @@ class Batcher:
   """
 
   def __init__(self, process: Process, *, max_batch: int = 64, max_wait_ms: float = 2.0,
-               threaded: bool = True):
+               threaded: bool = True, fill_wait: float = 0.0):
     if not isinstance(max_batch, int) or max_batch < 1:
       raise ValueError(f"max_batch must be an integer >= 1; got {max_batch!r}.")
     if not max_wait_ms >= 0:
       raise ValueError(f"max_wait_ms must be >= 0; got {max_wait_ms!r}.")
+    if not 0 <= fill_wait <= 1:
+      raise ValueError(f"fill_wait must be between 0 and 1; got {fill_wait!r}.")
+    self.fill_wait = fill_wait
+    self._last_process_s = 0.0
     self.process = process
     self.threaded = threaded
     self.max_batch = max_batch
@@ -99,14 +106,23 @@ class Batcher:
 
   async def _gather(self) -> list:
     batch = [await self._queue.get()]
-    deadline = time.monotonic() + self.max_wait_s
+    first_s = time.monotonic()
+    deadline = first_s + self.max_wait_s
     while len(batch) < self.max_batch:
       if not self._queue.empty():
         batch.append(self._queue.get_nowait())
         continue
-      left = deadline - time.monotonic()
-      if left <= 0 or self._coming <= 0:
+      now = time.monotonic()
+      left = deadline - now
+      if left <= 0:
         break
+      if self._coming <= 0:
+        # Nobody is on the way. With fill_wait, still wait that fraction of the last
+        # batch's processing time (when a batch costs about the same whatever its size,
+        # a fuller one answers more requests for it); else go now.
+        left = min(left, self.fill_wait * self._last_process_s - (now - first_s))
+        if left <= 0:
+          break
       try:  # another request is on its way: wait for it, up to the deadline
         batch.append(await asyncio.wait_for(self._queue.get(), left))
       except asyncio.TimeoutError:
@@ -122,10 +138,12 @@ class Batcher:
       self.num_batches += 1
       self.num_items += len(items)
       try:
+        start = time.monotonic()
         if self.threaded:
           results = await loop.run_in_executor(self._thread, self.process, items)
         else:
           results = self.process(items)
+        self._last_process_s = time.monotonic() - start
         if len(results) != len(items):
           raise RuntimeError(f"process returned {len(results)} results for {len(items)} "
                              "items.")

@@ -1,7 +1,7 @@
 r"""The HTTP service's command line: one uvicorn worker (uvloop, httptools) over a workdir.
 
   python -m twotower_jax.serve --workdir runs/default [--host 127.0.0.1 --port 8000] \
-      [--max_batch 64 --max_wait_ms 2 --nobatching --watch_s 2]
+      [--max_batch 64 --max_wait_ms 2 --fill_wait 0.5 --nobatching --watch_s 2]
 
 ``--workdir`` is a training workdir (its ``serving/`` is served) or a serving directory.
 The routes are described in ``service.py``; ``GET /`` is a page for people.
@@ -21,6 +21,11 @@ _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port)
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 64, "Most requests per batch.", lower_bound=1)
 _MAX_WAIT_MS = flags.DEFINE_float("max_wait_ms", 2.0, "Longest wait for a batch to fill, while "
                                   "more requests are arriving (ms).", lower_bound=0.0)
+_FILL_WAIT = flags.DEFINE_float("fill_wait", 0.0, "With no request on its way, still wait this "
+                                 "fraction of the last batch's time for the batch to fill "
+                                 "(0 to 1; e.g. 0.5 for a large catalogue, where a batch costs "
+                                 "the same whatever its size).", lower_bound=0.0,
+                                 upper_bound=1.0)
 _BATCHING = flags.DEFINE_boolean("batching", True, "Gather concurrent requests into batches "
                                  "(--nobatching: one request at a time).")
 _WATCH_S = flags.DEFINE_float("watch_s", 0.0, "If > 0, check the serving directory every this "
@@ -47,7 +52,8 @@ def main(argv) -> None:
   sys.setswitchinterval(0.0005)
   try:
     api = service.create_app(_WORKDIR.value, max_batch=_MAX_BATCH.value,
-                             max_wait_ms=_MAX_WAIT_MS.value, batching_on=_BATCHING.value,
+                             max_wait_ms=_MAX_WAIT_MS.value, fill_wait=_FILL_WAIT.value,
+                             batching_on=_BATCHING.value,
                              watch_s=_WATCH_S.value)
   except serving.ServingError as e:
     raise app.UsageError(str(e)) from e

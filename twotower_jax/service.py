@@ -355,7 +355,7 @@ class State:
 
   def __init__(self, serving_dir: str | os.PathLike, *, max_batch: int = 64,
                max_wait_ms: float = 2.0, batching_on: bool = True, warm: bool = True,
-               watch_s: float = 0.0):
+               watch_s: float = 0.0, fill_wait: float = 0.0):
     self.path = pathlib.Path(serving_dir)
     self.max_batch = max_batch if batching_on else 1
     self.sizes = batch_sizes(self.max_batch)
@@ -365,7 +365,8 @@ class State:
     self.loaded_at = time.time()
     self.warm_up_s = 0.0
     self.batcher = batching.Batcher(lambda qs: process(self, qs), max_batch=self.max_batch,
-                                    max_wait_ms=max_wait_ms if batching_on else 0.0)
+                                    max_wait_ms=max_wait_ms if batching_on else 0.0,
+                                    fill_wait=fill_wait if batching_on else 0.0)
     self._reload_lock: asyncio.Lock | None = None
     self._stamp = self._dir_stamp()
 
@@ -595,15 +596,16 @@ def _freeze_loaded() -> None:
 
 def create_app(serving_dir: str | os.PathLike, *, max_batch: int = 64,
                max_wait_ms: float = 2.0, batching_on: bool = True, warm: bool = True,
-               watch_s: float = 0.0) -> Starlette:
+               watch_s: float = 0.0, fill_wait: float = 0.0) -> Starlette:
   """The app over ``serving_dir`` (a serving directory, or a workdir holding one).
 
-  ``max_batch`` / ``max_wait_ms``: the batcher's limits; ``batching_on=False`` answers
+  ``max_batch`` / ``max_wait_ms`` / ``fill_wait``: the batcher's limits (see
+  ``batching.Batcher``); ``batching_on=False`` answers
   each request alone. ``warm`` compiles every batch size at start; ``watch_s`` > 0 polls
   the directory and reloads on a change.
   """
   state = State(serving_dir, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                batching_on=batching_on, warm=warm, watch_s=watch_s)
+                batching_on=batching_on, warm=warm, watch_s=watch_s, fill_wait=fill_wait)
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
