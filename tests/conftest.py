@@ -41,6 +41,18 @@ def tiny_config(data_dir, variant: str | None = None, **overrides):
   return cfg
 
 
+def train_tiny_history_run(tmp_path_factory, seed: int) -> pathlib.Path:
+  """A workdir of configs/tiny.py:history trained for one epoch on a synthetic ML-100K
+  folder (80 users, 150 movies, 3,000 ratings, ``seed``): something to serve."""
+  from twotower_jax import train  # pylint: disable=g-import-not-at-top
+  data_dir = write_synthetic_ml100k(tmp_path_factory.mktemp("ml100k"), num_users=80,
+                                    num_movies=150, num_ratings=3000, seed=seed)
+  cfg = tiny_config(data_dir, "history", **{"train.num_epochs": 1, "eval.baselines": False})
+  workdir = tmp_path_factory.mktemp("run")
+  train.train_and_evaluate(cfg, str(workdir))
+  return workdir
+
+
 def load_benchmark(name: str = "bench"):
   """A benchmark driver from benchmarks/ (they live outside the package) as a module."""
   import importlib  # pylint: disable=g-import-not-at-top

@@ -11,8 +11,7 @@ import pytest
 from twotower_jax import batching
 from twotower_jax import serving
 from twotower_jax import service
-from twotower_jax import train
-from conftest import tiny_config, write_synthetic_ml100k
+from conftest import train_tiny_history_run
 
 
 def _run(coro):
@@ -125,12 +124,7 @@ def test_bad_limits_are_refused():
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-  data_dir = write_synthetic_ml100k(tmp_path_factory.mktemp("ml100k"), num_users=80,
-                                    num_movies=150, num_ratings=3000, seed=11)
-  cfg = tiny_config(data_dir, "history", **{"train.num_epochs": 1, "eval.baselines": False})
-  workdir = tmp_path_factory.mktemp("run")
-  train.train_and_evaluate(cfg, str(workdir))
-  return workdir
+  return train_tiny_history_run(tmp_path_factory, seed=11)
 
 
 def _requests(rec):

@@ -20,8 +20,7 @@ from starlette.testclient import TestClient
 
 from twotower_jax import serving
 from twotower_jax import service
-from twotower_jax import train
-from conftest import load_benchmark, tiny_config, write_synthetic_ml100k
+from conftest import load_benchmark, train_tiny_history_run
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FEATURES = {"raw_user_age": 30, "user_gender": True, "user_occupation_text": "engineer",
@@ -30,12 +29,7 @@ FEATURES = {"raw_user_age": 30, "user_gender": True, "user_occupation_text": "en
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  data_dir = write_synthetic_ml100k(tmp_path_factory.mktemp("ml100k"), num_users=80,
-                                    num_movies=150, num_ratings=3000, seed=3)
-  cfg = tiny_config(data_dir, "history", **{"train.num_epochs": 1, "eval.baselines": False})
-  path = tmp_path_factory.mktemp("run")
-  train.train_and_evaluate(cfg, str(path))
-  return path
+  return train_tiny_history_run(tmp_path_factory, seed=3)
 
 
 @pytest.fixture(scope="module")
