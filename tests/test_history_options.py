@@ -498,3 +498,47 @@ def test_a_run_written_before_the_options_existed_keeps_its_fingerprint(data_dir
   changed = workdir.config_fingerprint(json.loads(cfg.to_json()))
   assert workdir.differences({"config": new}, {"config": changed}) == [
       "features.query.history.dropout 0.0 -> 0.2"]
+
+
+class _FullSequenceAttention(nn.Module):
+  """The SASRec encoder computed at every position in every block (the textbook form), with
+  History's parameter names, as a reference for its last-position-only final block."""
+
+  rows: int
+  dim: int
+  blocks: int
+
+  @nn.compact
+  def __call__(self, ids_BxL):
+    valid_BxL = ids_BxL != model_lib.PAD
+    e_BxLxD = model_lib.Embed(self.rows, self.dim, name="items")(jnp.where(valid_BxL, ids_BxL, 0))
+    e_BxLxD = e_BxLxD * valid_BxL[..., None]
+    last_BxD = e_BxLxD[:, -1]
+    pos_LxD = self.param("positions", nn.initializers.normal(0.02), (ids_BxL.shape[1], self.dim))
+    h_BxLxD = (e_BxLxD + pos_LxD) * valid_BxL[..., None]
+    mask = nn.combine_masks(nn.make_attention_mask(valid_BxL, valid_BxL),
+                            nn.make_causal_mask(valid_BxL))
+    for b in range(self.blocks):
+      x = nn.LayerNorm(name=f"ln_attn_{b}")(h_BxLxD)
+      h_BxLxD = h_BxLxD + nn.MultiHeadDotProductAttention(num_heads=1, name=f"attn_{b}")(
+          x, mask=mask, deterministic=True)
+      x = nn.LayerNorm(name=f"ln_ffn_{b}")(h_BxLxD)
+      h_BxLxD = h_BxLxD + model_lib.MLP((self.dim, self.dim), name=f"ffn_{b}")(x)
+    pooled_BxD = nn.LayerNorm(name="ln_out")(h_BxLxD)[:, -1] * valid_BxL[:, -1:]
+    return jnp.concatenate([pooled_BxD, last_BxD], axis=-1)
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_attention_last_block_equals_every_position_computed(blocks):
+  rng = np.random.default_rng(blocks)
+  ids_BxL = rng.integers(0, 40, (16, 12)).astype(np.int32)
+  n_B = rng.integers(0, 13, 16)
+  ids_BxL[np.arange(12)[None, :] < (12 - n_B)[:, None]] = model_lib.PAD  # left padding
+  m = model_lib.History(rows=40, dim=16, encoder="attention", blocks=blocks)
+  params = m.init(jax.random.key(0), ids_BxL)
+  params = jax.tree.map(  # non-trivial values everywhere, LayerNorm scales included
+      lambda p: p + 0.3 * jax.random.normal(jax.random.key(p.size), p.shape), params)
+  got = m.apply(params, ids_BxL)
+  want = _FullSequenceAttention(rows=40, dim=16, blocks=blocks).apply(params, ids_BxL)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(got)).max() > 0.1
