@@ -227,6 +227,15 @@ def test_missing_and_empty_columns(rec):
     rec.recommend({k: [] for k in EXPLICIT}, 3)
 
 
+def test_an_unknown_column_is_an_error_with_a_suggestion(rec):
+  # A misspelt optional column would otherwise be left out silently (a new user).
+  with pytest.raises(serving.ServingError,
+                     match=r"Unknown query column 'user_idd'. Did you mean 'user_id'\? This "
+                           r"model reads \['raw_user_age', "):
+    rec.recommend(dict(EXPLICIT, user_idd=[1, 2]), 3)
+  assert rec.recommend(dict(EXPLICIT, user_id=[1, 2]), 3).valid.all()
+
+
 @pytest.mark.parametrize("k", [0, -3, 2.5, True])
 def test_k_must_be_a_positive_integer(rec, k):
   with pytest.raises(serving.ServingError, match=r"k \(the number of recommendations\) must be "

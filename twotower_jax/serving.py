@@ -374,6 +374,13 @@ class Recommender:
       raise ServingError(f"Query features must be a mapping of column name to values; got "
                          f"{type(features).__name__}.")
     histories, per_item = set(self.history_columns()), set(self.history_value_columns())
+    known = [*self.query_columns(), *sorted(per_item), self.user_key]
+    if per_item and self.meta["keys"].get("time"):
+      known.append(self.meta["keys"]["time"])  # the query time, for the time since
+    for k in features:
+      if str(k) not in known:  # a typo would otherwise be served as a missing column
+        raise ServingError(f"Unknown query column {k!r}.{config_lib.suggest(str(k), known)} "
+                           f"This model reads {list(dict.fromkeys(known))}.")
     cols = {str(k): _histories(str(k), v) if k in histories else
             _histories(str(k), v, numbers=True) if k in per_item else _column(str(k), v)
             for k, v in features.items()}
