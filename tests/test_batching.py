@@ -153,7 +153,10 @@ def _python_api(rec, body):
   if "history" in body:
     values["history"] = body["history"]
   feats = rec.query(body.get("user_id"), values)
-  r = rec.recommend(feats, body["k"], exclude_ids=[body.get("exclude_ids", [])],
+  exclude = list(body.get("exclude_ids", []))
+  if body.get("exclude_rated") and "history" in body:  # the service leaves the history out too
+    exclude += body["history"]
+  r = rec.recommend(feats, body["k"], exclude_ids=[exclude],
                     allow_ids=[body.get("allow_ids")],
                     exclude_rated=body.get("exclude_rated", False))
   return r.rows(0)

@@ -121,6 +121,18 @@ def test_recommend_from_features_and_a_history(client, rec):
   assert _ids(other) != want.item_id[0].tolist()  # the history changes the answer
 
 
+def test_exclude_rated_leaves_out_the_given_history(client, rec):
+  history = rec.item_ids_N[[10, 20, 30]].tolist()
+  query = {"features": FEATURES, "history": history, "k": 50}
+  kept = _ids(client.post("/recommend", json=query).json()["items"])
+  assert set(history) & set(kept)  # scored like any item when nothing is left out
+  items = client.post("/recommend", json={**query, "exclude_rated": True}).json()["items"]
+  want = rec.recommend(rec.query(None, {**FEATURES, "history": history}), 50,
+                       exclude_ids=[history])
+  assert _ids(items) == want.item_id[0].tolist()
+  assert not set(history) & set(_ids(items))
+
+
 def test_allow_ids_and_k_above_the_catalogue(client, rec):
   user = rec.users["user_key"][1].item()
   allow = rec.item_ids_N[:6].tolist()

@@ -96,7 +96,7 @@ def _form(rec: serving.Recommender, params: Mapping[str, str]) -> str:
       "1", "on", "true") else ""
   return ('<form method="get" action="/">' + "".join(fields) +
           '<div class="row"><label class="check"><input type="checkbox" name="exclude_rated"'
-          f'{checked}>Leave out the user\'s training items</label>'
+          f'{checked}>Leave out what the user has (training items, the history)</label>'
           '<button type="submit">Recommend</button></div></form>')
 
 

@@ -216,9 +216,11 @@ def parse_query(served: Served, body: Any) -> Query:
   exclude_rated = body.get("exclude_rated", False)
   if not isinstance(exclude_rated, bool):
     raise RequestError(f"'exclude_rated' must be true or false; got {json.dumps(exclude_rated)}.")
+  exclude_ids = _keys_of(rec, "exclude_ids", body.get("exclude_ids"), "item ids")
+  if exclude_rated and history is not None:  # what the user has: the given history too
+    exclude_ids += tuple(items)
   allow = body.get("allow_ids")
-  return Query(user_id=user, values=values, k=k,
-               exclude_ids=_keys_of(rec, "exclude_ids", body.get("exclude_ids"), "item ids"),
+  return Query(user_id=user, values=values, k=k, exclude_ids=exclude_ids,
                allow_ids=None if allow is None else _keys_of(rec, "allow_ids", allow,
                                                              "item ids"),
                exclude_rated=exclude_rated)
