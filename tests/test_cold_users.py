@@ -103,8 +103,9 @@ def test_training_never_sees_a_cold_user(data_dir, split):
   assert n_split + len(given) + len(test) == len(prep.dataset.ratings["user_id"])
 
 
-def test_cold_user_queries_hold_the_given_history_only(data_dir):
-  cfg = conftest.tiny_config(data_dir, "history", **COLD, **{"data.split": "temporal"})
+def cold_queries(cfg):
+  """The cold users' rows and their model inputs, from the given history alone (fixed)
+  and with their earlier test items too (online)."""
   prep = input_pipeline.prepare(cfg)
   ds = prep.dataset
   _, given_idx, test_idx = sources.cold_user_rows(cfg.data, ds, cfg.seed)
@@ -113,9 +114,15 @@ def test_cold_user_queries_hold_the_given_history_only(data_dir):
   g_u, t_u, n = input_pipeline.user_index(given["user_id"], test["user_id"])
   g_i = input_pipeline.item_index(prep.item_ids_N, given["movie_id"], "g")
   t_i = input_pipeline.item_index(prep.item_ids_N, test["movie_id"], "t")
-  enc = prep.encoders["history"]
-  fixed = evaluate.cold_user_queries(prep, given, test, (g_u, g_i), (t_u, t_i), n, False)
-  online = evaluate.cold_user_queries(prep, given, test, (g_u, g_i), (t_u, t_i), n, True)
+  fixed, online = (evaluate.cold_user_queries(prep, given, test, (g_u, g_i), (t_u, t_i), n,
+                                              o) for o in (False, True))
+  return prep, given_idx, test_idx, test, g_u, t_u, fixed, online
+
+
+def test_cold_user_queries_hold_the_given_history_only(data_dir):
+  cfg = conftest.tiny_config(data_dir, "history", **COLD, **{"data.split": "temporal"})
+  prep, given_idx, test_idx, test, g_u, t_u, fixed, online = cold_queries(cfg)
+  ds, enc = prep.dataset, prep.encoders["history"]
   for j in range(len(t_u)):
     mine = given_idx[g_u == t_u[j]]
     order = mine[np.lexsort((mine, np.asarray(ds.ratings["timestamp"])[mine]))]
@@ -180,16 +187,8 @@ def test_cold_user_queries_carry_side_columns_and_time_since(data_dir):
   cfg = conftest.tiny_config(data_dir, "history", **COLD, **{"data.split": "temporal"})
   cfg.features.query.history.side = ("user_rating",)
   cfg.features.query.history.time_since = True
-  prep = input_pipeline.prepare(cfg)
+  prep, given_idx, _, _, g_u, t_u, fixed, online = cold_queries(cfg)
   ds = prep.dataset
-  _, given_idx, test_idx = sources.cold_user_rows(cfg.data, ds, cfg.seed)
-  given = dataset_lib.take_rows(ds.ratings, given_idx)
-  test = dataset_lib.take_rows(ds.ratings, test_idx)
-  g_u, t_u, n = input_pipeline.user_index(given["user_id"], test["user_id"])
-  g_i = input_pipeline.item_index(prep.item_ids_N, given["movie_id"], "g")
-  t_i = input_pipeline.item_index(prep.item_ids_N, test["movie_id"], "t")
-  fixed = evaluate.cold_user_queries(prep, given, test, (g_u, g_i), (t_u, t_i), n, False)
-  online = evaluate.cold_user_queries(prep, given, test, (g_u, g_i), (t_u, t_i), n, True)
   assert set(fixed) == set(online) and {"history" + feat.SIDE_SUFFIX,
                                         "history" + feat.TIME_SINCE_SUFFIX} <= set(fixed)
   side = fixed["history" + feat.SIDE_SUFFIX]
